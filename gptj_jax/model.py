@@ -1,0 +1,519 @@
+"""GPT-J in Flax linen, numerically matching transformers' ``modeling_gptj.py``.
+
+Axis letters in einsums and shape comments:
+  B batch, T new tokens (query length), S key length (T without a cache, cache slots with one),
+  D n_embd, N heads, H head dim, F n_inner, V vocab, R rotary dims.
+
+Parameters are a plain pytree named like the HF state dict (``transformer/h_0/attn/q_proj/kernel``),
+Dense kernels are ``[in, out]``. Every parameter carries logical axis names (``embed``, ``heads``,
+``mlp``, ``vocab``, ``norm``, ``classes``) through ``nn.with_logical_partitioning``; the mesh rules
+live in ``sharding.py`` and nothing here names a mesh axis.
+
+LayerNorm, attention softmax and logits are computed in float32 whatever ``dtype`` is.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from .cache import Cache
+from .config import GPTJConfig
+
+Array = jax.Array
+Dtype = Any
+
+# Finite, so a fully masked row gives a uniform softmax instead of NaN; scores are always float32.
+MASK_VALUE = float(np.finfo(np.float32).min)
+
+ACT_FNS = {
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+_f32_dot = functools.partial(lax.dot_general, preferred_element_type=jnp.float32)
+
+
+def _init(config: GPTJConfig, names: tuple[Optional[str], ...]) -> Any:
+    return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), names)
+
+
+def _zeros(names: tuple[Optional[str], ...]) -> Any:
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _ones(names: tuple[Optional[str], ...]) -> Any:
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+# ---------------------------------------------------------------------------------------- outputs
+@flax.struct.dataclass
+class ModelOutput:
+    last_hidden_state: Array  # [B, T, D] after ln_f
+    hidden_states: Optional[tuple[Array, ...]] = None  # n_layer + 1 of [B, T, D], last one after ln_f
+    attentions: Optional[tuple[Array, ...]] = None  # n_layer of [B, N, T, S]
+    cache: Optional[Cache] = None
+
+
+@flax.struct.dataclass
+class CausalLMOutput:
+    logits: Array  # [B, T, V] float32 (or [B, logits_to_keep, V])
+    loss: Optional[Array] = None
+    hidden_states: Optional[tuple[Array, ...]] = None
+    attentions: Optional[tuple[Array, ...]] = None
+    cache: Optional[Cache] = None
+
+
+@flax.struct.dataclass
+class SequenceClassifierOutput:
+    logits: Array  # [B, num_labels] float32, at the last non-pad token of each row
+    loss: Optional[Array] = None
+    hidden_states: Optional[tuple[Array, ...]] = None
+    attentions: Optional[tuple[Array, ...]] = None
+    cache: Optional[Cache] = None
+
+
+@flax.struct.dataclass
+class QuestionAnsweringOutput:
+    start_logits: Array  # [B, T] float32
+    end_logits: Array  # [B, T] float32
+    loss: Optional[Array] = None
+    hidden_states: Optional[tuple[Array, ...]] = None
+    attentions: Optional[tuple[Array, ...]] = None
+
+
+# ---------------------------------------------------------------------------------------- rotary
+def rotary_sin_cos(position_ids: Array, rotary_dims: int) -> tuple[Array, Array]:
+    """sin and cos of ``position * inv_freq``, each ``[B, T, R/2]`` float32 (as HF's table rows)."""
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, rotary_dims, 2, dtype=np.float32) / np.float32(rotary_dims)))
+    angles = position_ids.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, R/2]
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def rotate_every_two(x: Array) -> Array:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...) on the last axis (GPT-J's interleaved pairs)."""
+    x1 = x[..., ::2]
+    x2 = x[..., 1::2]
+    return jnp.stack((-x2, x1), axis=-1).reshape(x.shape)
+
+
+def apply_rotary(x: Array, sin: Array, cos: Array) -> Array:
+    """Rotate the first R dims of each head. x ``[B, T, N, H]``, sin/cos ``[B, T, R/2]``."""
+    rot = sin.shape[-1] * 2
+    sin = jnp.repeat(sin, 2, axis=-1)[:, :, None, :]  # [B, T, 1, R] pairwise: s0 s0 s1 s1 ...
+    cos = jnp.repeat(cos, 2, axis=-1)[:, :, None, :]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x_rot = x_rot * cos + rotate_every_two(x_rot) * sin
+    return jnp.concatenate([x_rot, x_pass], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------- layers
+class GPTJAttention(nn.Module):
+    config: GPTJConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,  # [B, T, D]
+        sin: Array,  # [B, T, R/2]
+        cos: Array,
+        allowed: Array,  # [B, T, S] bool
+        layer_cache: Optional[dict[str, Array]],  # {"k","v": [B, S, N, H]}
+        cache_index: Optional[Array],  # [] int32: slot of the first new token
+        deterministic: bool,
+    ) -> tuple[Array, Optional[dict[str, Array]], Array]:
+        cfg = self.config
+        B, T, _ = x.shape
+        N, H = cfg.n_head, cfg.head_dim
+
+        def proj(name: str) -> Array:
+            dense = nn.Dense(
+                cfg.n_embd, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=_init(cfg, ("embed", "heads")), name=name,
+            )
+            return dense(x).reshape(B, T, N, H)  # [B, T, N, H]
+
+        q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
+        # Rotary in float32, then back to the compute dtype.
+        q = apply_rotary(q.astype(jnp.float32), sin, cos).astype(self.dtype)
+        k = apply_rotary(k.astype(jnp.float32), sin, cos).astype(self.dtype)
+
+        new_cache = None
+        if layer_cache is not None:
+            k = lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
+            v = lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
+            new_cache = {"k": k, "v": v}  # [B, S, N, H]
+            k, v = k.astype(self.dtype), v.astype(self.dtype)
+
+        scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
+        scores = scores * jnp.float32(H**-0.5)
+        scores = jnp.where(allowed[:, None, :, :], scores, MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1)  # [B, N, T, S] float32
+        probs_d = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic)
+        out = jnp.einsum("BNTS,BSNH->BTNH", probs_d.astype(self.dtype), v).reshape(B, T, N * H)
+        out = nn.Dense(
+            cfg.n_embd, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=_init(cfg, ("heads", "embed")), name="out_proj",
+        )(out)  # [B, T, D]
+        out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
+        return out, new_cache, probs
+
+
+class GPTJMLP(nn.Module):
+    config: GPTJConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:  # [B, T, D] -> [B, T, D]
+        cfg = self.config
+        h = nn.Dense(
+            cfg.inner_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=_init(cfg, ("embed", "mlp")), bias_init=_zeros(("mlp",)), name="fc_in",
+        )(x)  # [B, T, F]
+        h = ACT_FNS[cfg.activation_function](h)
+        h = nn.Dense(
+            cfg.n_embd, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=_init(cfg, ("mlp", "embed")), bias_init=_zeros(("embed",)), name="fc_out",
+        )(h)  # [B, T, D]
+        return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
+
+
+def _layer_norm(cfg: GPTJConfig, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_epsilon, dtype=jnp.float32, param_dtype=param_dtype, use_fast_variance=False,
+        scale_init=_ones(("norm",)), bias_init=_zeros(("norm",)), name=name,
+    )
+
+
+class GPTJBlock(nn.Module):
+    """Parallel residual: ``x + attn(ln_1(x)) + mlp(ln_1(x))``."""
+
+    config: GPTJConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, sin, cos, allowed, layer_cache, cache_index, deterministic: bool = True):
+        h = _layer_norm(self.config, self.param_dtype, "ln_1")(x.astype(jnp.float32)).astype(self.dtype)
+        attn_out, new_cache, probs = GPTJAttention(self.config, self.dtype, self.param_dtype, name="attn")(
+            h, sin, cos, allowed, layer_cache, cache_index, deterministic
+        )
+        ff = GPTJMLP(self.config, self.dtype, self.param_dtype, name="mlp")(h, deterministic)
+        return attn_out + ff + x, new_cache, probs  # [B, T, D]
+
+
+# ---------------------------------------------------------------------------------------- base model
+class GPTJModel(nn.Module):
+    """The GPT-J trunk: embedding, ``n_layer`` blocks, final LayerNorm.
+
+    ``remat_policy`` (``none``, ``full``, ``dots``, ``dots_no_batch``) rematerialises each block in the
+    backward pass; it changes memory and speed, not results.
+    """
+
+    config: GPTJConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: Optional[Array] = None,  # [B, T] int
+        attention_mask: Optional[Array] = None,  # [B, T] 1 for real tokens, 0 for pads
+        position_ids: Optional[Array] = None,  # [B, T]; default cumsum(mask) - 1 (+ cache lengths)
+        token_type_ids: Optional[Array] = None,  # [B, T]; embedded with wte and added, as in HF
+        inputs_embeds: Optional[Array] = None,  # [B, T, D]
+        cache: Optional[Cache] = None,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> ModelOutput:
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        wte = nn.Embed(
+            cfg.vocab_size, cfg.n_embd, dtype=self.dtype, param_dtype=self.param_dtype,
+            embedding_init=_init(cfg, ("vocab", "embed")), name="wte",
+        )
+        if inputs_embeds is None:
+            inputs_embeds = wte(input_ids)  # [B, T, D]
+        x = inputs_embeds.astype(self.dtype)
+        B, T = x.shape[:2]
+        if token_type_ids is not None:
+            x = x + wte(token_type_ids)
+        x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=deterministic)
+
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, T), jnp.int32)
+        attention_mask = attention_mask.astype(jnp.int32)
+        if cache is None:
+            key_mask = attention_mask.astype(bool)  # [B, S=T]
+            cache_index, offsets = None, jnp.zeros((B,), jnp.int32)
+            q_slots, k_slots = jnp.arange(T), jnp.arange(T)
+        else:
+            cache_index = cache["index"]
+            key_mask = lax.dynamic_update_slice(cache["mask"], attention_mask.astype(bool), (0, cache_index))
+            offsets = cache["lengths"]
+            q_slots, k_slots = cache_index + jnp.arange(T), jnp.arange(key_mask.shape[1])
+        allowed = key_mask[:, None, :] & (k_slots[None, None, :] <= q_slots[None, :, None])  # [B, T, S]
+        if position_ids is None:
+            position_ids = jnp.maximum(offsets[:, None] + jnp.cumsum(attention_mask, axis=1) - 1, 0)  # [B, T]
+        sin, cos = rotary_sin_cos(position_ids, cfg.rotary_dims)
+
+        block_cls = GPTJBlock
+        if REMAT_POLICIES.get(self.remat_policy, "missing") == "missing":
+            raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+        if self.remat_policy != "none":
+            block_cls = nn.remat(GPTJBlock, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(7,))
+
+        hidden_states, attentions, new_layers = [], [], []
+        for i in range(cfg.n_layer):
+            if output_hidden_states:
+                hidden_states.append(x)
+            layer_cache = cache["layers"][i] if cache is not None else None
+            x, layer_new, probs = block_cls(cfg, self.dtype, self.param_dtype, name=f"h_{i}")(
+                x, sin, cos, allowed, layer_cache, cache_index, deterministic
+            )
+            new_layers.append(layer_new)
+            if output_attentions:
+                attentions.append(probs)
+        x = _layer_norm(cfg, self.param_dtype, "ln_f")(x.astype(jnp.float32))  # [B, T, D] float32
+        if output_hidden_states:
+            hidden_states.append(x)
+
+        new_cache = None
+        if cache is not None:
+            new_cache = {
+                "layers": new_layers,
+                "mask": key_mask,
+                "index": cache_index + T,
+                "lengths": offsets + attention_mask.sum(axis=1),
+            }
+        return ModelOutput(
+            last_hidden_state=x,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+            cache=new_cache,
+        )
+
+
+def _dense_f32(features: int, use_bias: bool, cfg: GPTJConfig, param_dtype: Dtype, names, name: str) -> nn.Dense:
+    """A head projection whose matmul accumulates and returns float32 (logits in float32)."""
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=jnp.float32, param_dtype=param_dtype, dot_general=_f32_dot,
+        kernel_init=_init(cfg, names), bias_init=_zeros(names[1:]), name=name,
+    )
+
+
+def _cross_entropy(logits: Array, labels: Array, ignore_index: int) -> Array:
+    """Mean cross entropy over entries whose label != ignore_index. logits [..., C] float32, labels [...]."""
+    valid = labels != ignore_index
+    safe = jnp.where(valid, labels, 0)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
+    return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(valid.sum(), 1)
+
+
+def causal_lm_loss(logits: Array, labels: Array) -> Array:
+    """HF's causal-LM loss: logits[:, :-1] against labels[:, 1:], -100 ignored, mean over counted tokens."""
+    return _cross_entropy(logits[:, :-1], labels[:, 1:], -100)
+
+
+class GPTJForCausalLM(nn.Module):
+    """GPT-J with its (untied, biased) LM head. ``logits_to_keep=k > 0`` computes logits for the last k
+    positions only (prefill needs just the last one)."""
+
+    config: GPTJConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: Optional[Array] = None,
+        attention_mask: Optional[Array] = None,
+        position_ids: Optional[Array] = None,
+        token_type_ids: Optional[Array] = None,
+        inputs_embeds: Optional[Array] = None,
+        labels: Optional[Array] = None,  # [B, T] int, -100 ignored
+        cache: Optional[Cache] = None,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        out = GPTJModel(self.config, self.dtype, self.param_dtype, self.remat_policy, name="transformer")(
+            input_ids, attention_mask, position_ids, token_type_ids, inputs_embeds, cache,
+            deterministic, output_hidden_states, output_attentions,
+        )
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = _dense_f32(
+            self.config.vocab_size, True, self.config, self.param_dtype, ("embed", "vocab"), "lm_head"
+        )(h.astype(self.dtype))  # [B, T, V] float32
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits, loss, out.hidden_states, out.attentions, out.cache)
+
+
+class GPTJForSequenceClassification(nn.Module):
+    """Linear ``score`` (no bias) on the last non-pad token of each row; loss by ``problem_type``."""
+
+    config: GPTJConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: Optional[Array] = None,
+        attention_mask: Optional[Array] = None,
+        position_ids: Optional[Array] = None,
+        token_type_ids: Optional[Array] = None,
+        inputs_embeds: Optional[Array] = None,
+        labels: Optional[Array] = None,  # [B] int (single label), [B] / [B, C] float (regression, multi-label)
+        cache: Optional[Cache] = None,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> SequenceClassifierOutput:
+        cfg = self.config
+        out = GPTJModel(cfg, self.dtype, self.param_dtype, self.remat_policy, name="transformer")(
+            input_ids, attention_mask, position_ids, token_type_ids, inputs_embeds, cache,
+            deterministic, output_hidden_states, output_attentions,
+        )
+        h = out.last_hidden_state
+        B, T = h.shape[:2]
+        logits = _dense_f32(cfg.num_labels, False, cfg, self.param_dtype, ("embed", "classes"), "score")(
+            h.astype(self.dtype)
+        )  # [B, T, C]
+        if cfg.pad_token_id is None and B != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined (config.pad_token_id).")
+        if cfg.pad_token_id is not None and input_ids is not None:
+            non_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+            last = jnp.argmax(jnp.arange(T, dtype=jnp.int32) * non_pad, axis=-1)  # rightmost non-pad token
+        else:
+            last = jnp.full((B,), T - 1)
+        pooled = logits[jnp.arange(B), last]  # [B, C]
+        loss = None
+        if labels is not None:
+            loss = sequence_classification_loss(cfg, pooled, labels)
+        return SequenceClassifierOutput(pooled, loss, out.hidden_states, out.attentions, out.cache)
+
+
+def sequence_classification_loss(cfg: GPTJConfig, pooled: Array, labels: Array) -> Array:
+    """HF's rule: regression (MSE) when num_labels == 1, single-label CE for integer labels, else BCE."""
+    problem = cfg.problem_type
+    if problem is None:
+        if cfg.num_labels == 1:
+            problem = "regression"
+        elif jnp.issubdtype(labels.dtype, jnp.integer):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "regression":
+        if cfg.num_labels == 1:
+            return jnp.mean((pooled.reshape(-1) - labels.reshape(-1).astype(jnp.float32)) ** 2)
+        return jnp.mean((pooled - labels.astype(jnp.float32)) ** 2)
+    if problem == "single_label_classification":
+        return _cross_entropy(pooled.reshape(-1, cfg.num_labels), labels.reshape(-1), -100)
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(pooled, labels.astype(jnp.float32)))
+
+
+class GPTJForQuestionAnswering(nn.Module):
+    """``qa_outputs`` (D -> 2, with bias) giving start and end logits per token."""
+
+    config: GPTJConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: Optional[Array] = None,
+        attention_mask: Optional[Array] = None,
+        position_ids: Optional[Array] = None,
+        token_type_ids: Optional[Array] = None,
+        inputs_embeds: Optional[Array] = None,
+        start_positions: Optional[Array] = None,  # [B] int
+        end_positions: Optional[Array] = None,  # [B] int
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> QuestionAnsweringOutput:
+        out = GPTJModel(self.config, self.dtype, self.param_dtype, self.remat_policy, name="transformer")(
+            input_ids, attention_mask, position_ids, token_type_ids, inputs_embeds, None,
+            deterministic, output_hidden_states, output_attentions,
+        )
+        h = out.last_hidden_state
+        logits = _dense_f32(2, True, self.config, self.param_dtype, ("embed", "classes"), "qa_outputs")(
+            h.astype(self.dtype)
+        )  # [B, T, 2]
+        start, end = logits[..., 0], logits[..., 1]
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            T = start.shape[1]  # positions outside [0, T) are clamped to T and ignored, as in HF
+            s = jnp.clip(start_positions.reshape(-1), 0, T)
+            e = jnp.clip(end_positions.reshape(-1), 0, T)
+            loss = (_cross_entropy(start, s, T) + _cross_entropy(end, e, T)) / 2
+        return QuestionAnsweringOutput(start, end, loss, out.hidden_states, out.attentions)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+HEADS = {
+    "base": GPTJModel,
+    "causal_lm": GPTJForCausalLM,
+    "sequence_classification": GPTJForSequenceClassification,
+    "question_answering": GPTJForQuestionAnswering,
+}
+
+
+def model_for(config: GPTJConfig, head: str = "causal_lm", **kwargs: Any) -> nn.Module:
+    """The linen module for ``head`` (one of ``HEADS``); kwargs go to the module (dtype, param_dtype...)."""
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; expected one of {sorted(HEADS)}")
+    return HEADS[head](config, **kwargs)
+
+
+def _init_fn(config: GPTJConfig, head: str, param_dtype: Dtype):
+    module = model_for(config, head, param_dtype=param_dtype)
+    dummy = jnp.zeros((1, 1), jnp.int32)
+
+    def init(rng: Array):
+        return module.init(rng, dummy)["params"]
+
+    return init
+
+
+def init_params(config: GPTJConfig, rng: Array, head: str = "causal_lm", param_dtype: Dtype = jnp.float32):
+    """Random parameters (HF's init: normal(initializer_range), zero biases, unit LayerNorm) as a plain pytree."""
+    return nn.meta.unbox(jax.jit(_init_fn(config, head, param_dtype))(rng))
+
+
+def logical_axes(config: GPTJConfig, head: str = "causal_lm") -> Any:
+    """Pytree like the params whose leaves are ``PartitionSpec`` of logical axis names (no arrays made)."""
+    boxed = jax.eval_shape(_init_fn(config, head, jnp.float32), jax.random.PRNGKey(0))
+    return nn.get_partition_spec(boxed)
