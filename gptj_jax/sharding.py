@@ -1,0 +1,477 @@
+"""Meshes, the logical-axis rules table, and shardings for params, optimizer state, KV cache and batches.
+
+The model names the axes of every parameter logically (``model.logical_axes``: ``embed``, ``heads``,
+``mlp``, ``vocab``, ``norm``, ``classes``). One ordered table, :data:`DEFAULT_RULES`, maps each
+logical name to a mesh axis of a ``("dp", "fsdp", "mp")`` mesh (MaxText's scheme): changing the
+parallelism is editing the table, not the model.
+
+The defaults mirror mesh-transformer-jax's Megatron split on ``mp``: q/k/v and fc_in are split by
+output columns (``heads``, ``mlp``), out_proj and fc_out by input rows (the same names on their
+first axis), wte and lm_head by vocabulary; ``fsdp`` splits the other (``embed``) dimension of every
+matrix (ZeRO-3 style, all-gathered before use); batches are split over ``("dp", "fsdp")``; LayerNorm
+is replicated. For a ``q_proj`` kernel ``[D, D]`` (logical ``("embed", "heads")``) each device holds
+``[D / fsdp, D / mp]``.
+
+Resolving a logical spec (MaxText's rule): for each dimension, the first rule for its name whose
+mesh axes are not already used by an earlier dimension of the same array wins; a rule target of
+``None`` means replicated. A logical name with no rule is an error.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from .config import GPTJConfig
+from .model import logical_axes, model_for
+
+MESH_AXES: tuple[str, str, str] = ("dp", "fsdp", "mp")
+
+MeshAxes = Union[None, str, tuple[str, ...]]
+Rules = tuple[tuple[str, MeshAxes], ...]
+
+DEFAULT_RULES: Rules = (
+    # activations
+    ("batch", ("dp", "fsdp")),
+    ("length", None),
+    ("cache_length", None),
+    ("head_dim", None),
+    # parameters (names from model.py)
+    ("vocab", "mp"),
+    ("heads", "mp"),
+    ("mlp", "mp"),
+    ("embed", "fsdp"),
+    ("norm", None),
+    ("classes", None),
+)
+
+# Logical axes of the non-parameter arrays.
+BATCH_AXES = ("batch", "length")  # input_ids, attention_mask, position_ids, labels [B, T]
+LOGITS_AXES = ("batch", "length", "vocab")  # logits [B, T, V]
+KV_AXES = ("batch", "cache_length", "heads", "head_dim")  # cache k / v [B, S, N, H]
+CACHE_MASK_AXES = ("batch", "cache_length")  # cache mask [B, S]
+ROW_AXES = ("batch",)  # cache lengths [B]
+
+# Which config size each logical parameter axis splits, for error messages naming the numbers.
+def _split_sizes(config: GPTJConfig, head: str) -> tuple[tuple[str, str, int], ...]:
+    sizes = [
+        ("heads", "n_head", config.n_head),
+        ("mlp", "n_inner", config.inner_dim),
+        ("vocab", "vocab_size", config.vocab_size),
+        ("embed", "n_embd", config.n_embd),
+        ("norm", "n_embd", config.n_embd),
+    ]
+    if head == "sequence_classification":
+        sizes.append(("classes", "num_labels", config.num_labels))
+    elif head == "question_answering":
+        sizes.append(("classes", "the 2 qa_outputs", 2))
+    return tuple(sizes)
+
+
+# ---------------------------------------------------------------------------------------- meshes
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"dp=1,fsdp=2,mp=4"`` -> ``{"dp": 1, "fsdp": 2, "mp": 4}`` (missing axes are 1; ``-1`` = the rest)."""
+    sizes = {name: 1 for name in MESH_AXES}
+    seen = set()
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if "=" not in part:
+            raise ValueError(f"mesh entry {part!r} in {text!r} is not NAME=SIZE; e.g. 'dp=1,fsdp=1,mp=8'")
+        name, value = (s.strip() for s in part.split("=", 1))
+        if name not in MESH_AXES:
+            raise ValueError(f"unknown mesh axis {name!r} in {text!r}; the axes are {', '.join(MESH_AXES)}")
+        if name in seen:
+            raise ValueError(f"mesh axis {name!r} given twice in {text!r}")
+        seen.add(name)
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ValueError(f"mesh axis {name}={value!r} in {text!r} is not an integer") from None
+    return sizes
+
+
+def resolve_mesh_shape(dp: int = 1, fsdp: int = 1, mp: int = 1, n_devices: Optional[int] = None) -> tuple[int, int, int]:
+    """Fill in a ``-1`` axis ("the rest") and check the product equals ``n_devices`` (default: all devices)."""
+    if n_devices is None:
+        n_devices = jax.device_count()
+    sizes = {"dp": dp, "fsdp": fsdp, "mp": mp}
+    for name, size in sizes.items():
+        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (size < 1 and size != -1):
+            raise ValueError(f"mesh axis {name}={size!r} must be a positive integer or -1 (the rest)")
+    rest = [n for n, s in sizes.items() if s == -1]
+    if len(rest) > 1:
+        raise ValueError(f"only one mesh axis may be -1 (the rest), got {', '.join(f'{n}=-1' for n in rest)}")
+    if rest:
+        known = math.prod(s for s in sizes.values() if s != -1)
+        if n_devices % known:
+            raise ValueError(
+                f"cannot fill {rest[0]}=-1: the other axes multiply to {known}, which does not divide "
+                f"the {n_devices} devices"
+            )
+        sizes[rest[0]] = n_devices // known
+    shape = (int(sizes["dp"]), int(sizes["fsdp"]), int(sizes["mp"]))
+    if math.prod(shape) != n_devices:
+        raise ValueError(
+            f"mesh dp={shape[0]} x fsdp={shape[1]} x mp={shape[2]} = {math.prod(shape)} devices, "
+            f"but {n_devices} devices are available"
+        )
+    return shape
+
+
+def make_mesh(dp: int = 1, fsdp: int = 1, mp: int = 1, devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """A ``("dp", "fsdp", "mp")`` mesh over ``devices`` (default ``jax.devices()``, every process's).
+
+    ``-1`` on one axis means "the rest of the devices". The device order comes from
+    ``mesh_utils.create_device_mesh`` so that on TPU the ``mp`` axis (the most communication)
+    runs along ICI neighbours.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(dp, fsdp, mp, len(devices))
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        # Topology-aware placement can refuse some shapes (e.g. a TPU slice split oddly): plain order.
+        grid = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def mesh_from_string(text: str, devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """``make_mesh(**parse_mesh(text), devices=devices)``."""
+    return make_mesh(**parse_mesh(text), devices=devices)
+
+
+def mesh_shape(mesh: Mesh) -> dict[str, int]:
+    """``{"dp": .., "fsdp": .., "mp": ..}`` of a mesh."""
+    return {name: int(size) for name, size in mesh.shape.items()}
+
+
+def describe_mesh(mesh: Mesh) -> str:
+    """``"dp=1,fsdp=2,mp=4"``."""
+    return ",".join(f"{k}={v}" for k, v in mesh_shape(mesh).items())
+
+
+# ---------------------------------------------------------------------------------------- rules
+def _as_tuple(target: MeshAxes) -> tuple[str, ...]:
+    if target is None:
+        return ()
+    if isinstance(target, str):
+        return (target,)
+    return tuple(target)
+
+
+def validate_rules(rules: Rules, axis_names: Sequence[str] = MESH_AXES) -> None:
+    """Raise ValueError for a rule targeting a mesh axis that does not exist."""
+    for name, target in rules:
+        for axis in _as_tuple(target):
+            if axis not in axis_names:
+                raise ValueError(
+                    f"rule ({name!r}, {target!r}) names unknown mesh axis {axis!r}; the axes are {', '.join(axis_names)}"
+                )
+
+
+def logical_to_mesh(names: Sequence[Optional[str]], rules: Rules = DEFAULT_RULES) -> P:
+    """One array's logical axis names -> a ``PartitionSpec`` of mesh axes, by the ordered rules."""
+    validate_rules(rules)
+    used: set[str] = set()
+    out: list[MeshAxes] = []
+    known = {name for name, _ in rules}
+    for name in names:
+        if name is None:
+            out.append(None)
+            continue
+        if name not in known:
+            raise ValueError(f"logical axis {name!r} has no rule; rules cover {sorted(known)}")
+        chosen: MeshAxes = None
+        for rule_name, target in rules:
+            if rule_name != name:
+                continue
+            axes = _as_tuple(target)
+            if not axes:
+                break  # an explicit "replicated" rule
+            if used.isdisjoint(axes):
+                chosen = axes[0] if len(axes) == 1 else axes
+                used.update(axes)
+                break
+        out.append(chosen)
+    return P(*out)
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, P)
+
+
+def _map_specs(fn, tree: Any) -> Any:
+    return jax.tree.map(fn, tree, is_leaf=_is_spec)
+
+
+def axis_size(mesh: Mesh, target: MeshAxes) -> int:
+    """Product of the sizes of the mesh axes in ``target`` (1 for None)."""
+    return math.prod(int(mesh.shape[a]) for a in _as_tuple(target))
+
+
+def validate_config(config: GPTJConfig, mesh: Mesh, head: str = "causal_lm", rules: Rules = DEFAULT_RULES) -> None:
+    """Raise ValueError naming the numbers when a mesh axis does not divide the size it splits.
+
+    E.g. ``mesh axis mp=8 does not divide n_head=4 ('heads' is split over mp)``. Heads must split
+    whole (``n_head % mp == 0``), not just the ``n_embd`` columns they occupy.
+    """
+    validate_rules(rules, tuple(mesh.axis_names))
+    for logical, field, size in _split_sizes(config, head):
+        target = logical_to_mesh((logical,), rules)[0]
+        n = axis_size(mesh, target)
+        if size % n:
+            axes = " x ".join(f"{a}={mesh.shape[a]}" for a in _as_tuple(target))
+            fits = [d for d in range(1, n + 1) if size % d == 0]
+            raise ValueError(
+                f"mesh axis {axes} does not divide {field}={size} ({logical!r} is split over "
+                f"{' x '.join(_as_tuple(target))} by the rules); sizes up to {n} that divide it: {fits}"
+            )
+
+
+# ---------------------------------------------------------------------------------------- params
+def param_specs(config: GPTJConfig, head: str = "causal_lm", rules: Rules = DEFAULT_RULES) -> Any:
+    """PartitionSpec pytree (mesh axes) like the params of ``head``; no arrays are made."""
+    return _map_specs(lambda spec: logical_to_mesh(tuple(spec), rules), logical_axes(config, head))
+
+
+def param_shardings(config: GPTJConfig, mesh: Mesh, head: str = "causal_lm", rules: Rules = DEFAULT_RULES) -> Any:
+    """NamedSharding pytree like the params of ``head`` on ``mesh`` (validated against the config)."""
+    validate_config(config, mesh, head, rules)
+    return _map_specs(lambda spec: NamedSharding(mesh, spec), param_specs(config, head, rules))
+
+
+def infer_head(params: Mapping[str, Any]) -> str:
+    """The head a params tree is for, from its top-level keys (``lm_head`` -> ``causal_lm``, ...)."""
+    keys = set(params)
+    for key, head in (("lm_head", "causal_lm"), ("score", "sequence_classification"), ("qa_outputs", "question_answering")):
+        if key in keys:
+            return head
+    if "wte" in keys:
+        return "base"
+    raise ValueError(f"cannot tell the head of params with top-level keys {sorted(keys)}")
+
+
+def shard_params(
+    params: Any, mesh: Mesh, config: GPTJConfig, head: Optional[str] = None, rules: Rules = DEFAULT_RULES
+) -> Any:
+    """Place every leaf (numpy or jax) on ``mesh`` with its rule sharding; each device gets only its slice.
+
+    ``head`` is inferred from the params' keys when None. Leaves keep their dtype.
+    """
+    head = head or infer_head(params)
+    shardings = param_shardings(config, mesh, head, rules)
+    try:
+        return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
+    except ValueError as e:
+        if "structure" not in str(e) and "Custom node type mismatch" not in str(e):
+            raise
+        raise ValueError(
+            f"params do not have the tree structure of head {head!r} for this config: {e}"
+        ) from None
+
+
+def init_sharded_params(
+    config: GPTJConfig,
+    mesh: Mesh,
+    rng: jax.Array,
+    head: str = "causal_lm",
+    param_dtype: Any = jnp.float32,
+    rules: Rules = DEFAULT_RULES,
+) -> Any:
+    """Random params created directly in their shards (``jit`` with ``out_shardings``): no full host copy.
+
+    With JAX's partitionable threefry (the default) the values equal ``model.init_params``.
+    """
+    shardings = param_shardings(config, mesh, head, rules)
+    module = model_for(config, head, param_dtype=param_dtype)
+
+    def init(key: jax.Array) -> Any:
+        return nn.meta.unbox(module.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+
+    return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def shardings_like(tree: Any, params: Any, param_shardings: Any) -> Any:
+    """Shardings for a tree (e.g. optax state) whose sub-trees mirror ``params``.
+
+    A leaf whose key path ends with a param's key path and has that param's shape gets the param's
+    sharding (Adam's mu / nu, gradients); every other leaf (step counts, scalars, factored
+    statistics) is replicated. ``tree`` and ``params`` may hold arrays or ``ShapeDtypeStruct``.
+    """
+    flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_shard = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    if len(flat_params) != len(flat_shard):
+        raise ValueError(f"params have {len(flat_params)} leaves but param_shardings {len(flat_shard)}")
+    by_path = {_path_key(path): (np.shape(leaf), s) for (path, leaf), s in zip(flat_params, flat_shard)}
+    mesh = flat_shard[0].mesh
+    replicated = NamedSharding(mesh, P())
+    max_len = max(len(k) for k in by_path)
+
+    def pick(path, leaf):
+        key = _path_key(path)
+        shape = np.shape(leaf)
+        for start in range(max(len(key) - max_len, 0), len(key)):
+            hit = by_path.get(key[start:])
+            if hit is not None and hit[0] == shape:
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def _path_key(path: Sequence[Any]) -> tuple[str, ...]:
+    out = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            out.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            out.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            out.append(f"[{k.idx}]")
+        else:
+            out.append(str(k))
+    return tuple(out)
+
+
+def opt_state_shardings(optimizer: Any, params: Any, param_shardings: Any) -> Any:
+    """Shardings for ``optimizer.init(params)`` (an optax ``GradientTransformation``), computed abstractly."""
+    abstract = jax.eval_shape(optimizer.init, params)
+    return shardings_like(abstract, params, param_shardings)
+
+
+# ---------------------------------------------------------------------------------------- data
+def logical_sharding(mesh: Mesh, names: Sequence[Optional[str]], rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """NamedSharding for an array with the given logical axis names."""
+    return NamedSharding(mesh, logical_to_mesh(names, rules))
+
+
+def check_batch(mesh: Mesh, batch_size: int, rules: Rules = DEFAULT_RULES) -> None:
+    """Raise ValueError when the batch does not split over the batch mesh axes."""
+    target = logical_to_mesh(("batch",), rules)[0]
+    n = axis_size(mesh, target)
+    if batch_size % n:
+        axes = " x ".join(f"{a}={mesh.shape[a]}" for a in _as_tuple(target))
+        raise ValueError(
+            f"batch size {batch_size} does not split over the batch axes {axes} = {n}; "
+            f"use a batch that is a multiple of {n} (or a mesh with fewer data-parallel devices)"
+        )
+
+
+def batch_sharding(mesh: Mesh, batch_size: Optional[int] = None, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """NamedSharding for ``[B, T]`` batches (ids, masks, positions, labels): rows over ``("dp", "fsdp")``."""
+    if batch_size is not None:
+        check_batch(mesh, batch_size, rules)
+    return logical_sharding(mesh, BATCH_AXES, rules)
+
+
+def logits_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """NamedSharding for ``[B, T, V]`` logits: rows over the batch axes, vocab over ``mp``."""
+    return logical_sharding(mesh, LOGITS_AXES, rules)
+
+
+def shard_batch(mesh: Mesh, *arrays: Any, rules: Rules = DEFAULT_RULES) -> tuple[jax.Array, ...]:
+    """``device_put`` each ``[B, T]`` (or ``[B]``) host array with the batch sharding (single process)."""
+    out = []
+    for a in arrays:
+        check_batch(mesh, np.shape(a)[0], rules)
+        names = BATCH_AXES[: np.ndim(a)] + (None,) * max(np.ndim(a) - 2, 0)
+        out.append(jax.device_put(a, logical_sharding(mesh, names, rules)))
+    return tuple(out)
+
+
+def cache_shardings(config: GPTJConfig, mesh: Mesh, cache: Any, rules: Rules = DEFAULT_RULES) -> Any:
+    """Shardings like ``cache`` (``cache.init_cache`` layout, arrays or ``ShapeDtypeStruct``).
+
+    k / v ``[B, S, N, H]``: rows over the batch axes, heads over ``mp``; mask ``[B, S]`` and
+    lengths ``[B]`` by rows; the slot index replicated.
+    """
+    validate_config(config, mesh, "base", rules)
+    check_batch(mesh, int(np.shape(cache["mask"])[0]), rules)
+    kv = logical_sharding(mesh, KV_AXES, rules)
+    return {
+        "layers": [{name: kv for name in layer} for layer in cache["layers"]],
+        "mask": logical_sharding(mesh, CACHE_MASK_AXES, rules),
+        "index": NamedSharding(mesh, P()),
+        "lengths": logical_sharding(mesh, ROW_AXES, rules),
+    }
+
+
+def shard_cache(config: GPTJConfig, mesh: Mesh, cache: Any, rules: Rules = DEFAULT_RULES) -> Any:
+    """``device_put`` a cache with :func:`cache_shardings`."""
+    return jax.tree.map(jax.device_put, cache, cache_shardings(config, mesh, cache, rules))
+
+
+def init_sharded_cache(
+    config: GPTJConfig, mesh: Mesh, batch_size: int, max_len: int, dtype: Any = jnp.float32, rules: Rules = DEFAULT_RULES
+) -> Any:
+    """An empty cache created directly in its shards (never whole on one device)."""
+    from .cache import init_cache
+
+    make = functools.partial(init_cache, config, batch_size, max_len, dtype)
+    shardings = cache_shardings(config, mesh, jax.eval_shape(make), rules)
+    return jax.jit(make, out_shardings=shardings)()
+
+
+# ---------------------------------------------------------------------------------------- accounting
+def shard_shapes(tree: Any) -> Any:
+    """Per-device shard shape of every leaf (global shape for leaves without a sharding)."""
+
+    def one(x):
+        sharding = getattr(x, "sharding", None)
+        if sharding is None:
+            return tuple(np.shape(x))
+        return tuple(sharding.shard_shape(tuple(x.shape)))
+
+    return jax.tree.map(one, tree)
+
+
+def device_bytes(tree: Any, device: Optional[Any] = None) -> int:
+    """Bytes of ``tree``'s shards held by ``device`` (default: the first local device)."""
+    device = device or jax.local_devices()[0]
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        for shard in getattr(leaf, "addressable_shards", ()):
+            if shard.device == device:
+                total += shard.data.nbytes
+    return total
+
+
+def tree_bytes(tree: Any) -> int:
+    """Global bytes of a tree of arrays or ``ShapeDtypeStruct``."""
+    return sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def sharded_bytes(tree: Any, shardings: Any) -> int:
+    """Per-device bytes (the largest over devices is the same for even splits) of ``tree`` under ``shardings``."""
+    leaves = jax.tree.leaves(tree)
+    shards = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    if len(leaves) != len(shards):
+        raise ValueError(f"tree has {len(leaves)} leaves but shardings {len(shards)}")
+    return sum(
+        math.prod(s.shard_shape(tuple(np.shape(x)))) * np.dtype(x.dtype).itemsize for x, s in zip(leaves, shards)
+    )
+
+
+def unshard(tree: Any) -> Any:
+    """Whole numpy copies of a tree of (possibly multi-process) arrays, on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
