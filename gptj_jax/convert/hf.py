@@ -1,0 +1,217 @@
+"""Hugging Face Transformers checkpoints <-> our params pytree.
+
+``from_pretrained(dir)`` reads an HF GPT-J directory (``config.json`` plus ``model.safetensors``,
+``pytorch_model.bin``, or a sharded index of either) into ``(GPTJConfig, params)``;
+``save_pretrained(dir, config, params)`` writes one that ``transformers`` loads with no missing or
+unexpected keys. Both walk :mod:`gptj_jax.convert.table`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import jax
+import numpy as np
+
+from gptj_jax.config import GPTJConfig
+from gptj_jax.convert import table
+from gptj_jax.convert.errors import CheckpointError
+from gptj_jax.convert.io import (
+    CheckpointReader,
+    Index,
+    SafetensorsWriter,
+    TorchBinWriter,
+    _fmt_shape,
+    as_dtype,
+    dtype_name,
+)
+from gptj_jax.convert.staging import staged_dir
+from gptj_jax.convert.table import architecture_of, head_of  # noqa: F401  (re-exported)
+
+PathLike = Union[str, os.PathLike]
+Params = dict[str, Any]
+
+
+def check_tensors(
+    reader: CheckpointReader, config: GPTJConfig, head: str, names: Optional[Iterable[str]] = None
+) -> list[str]:
+    """Check the checkpoint's tensors against the shapes ``config`` implies for ``head``.
+
+    Returns the names to load in file order (ignored ``attn.bias`` buffers dropped). Raises
+    CheckpointError naming the file, the HF key and both shapes for a missing, unexpected or
+    misshapen tensor.
+    """
+    expected = table.expected_shapes(config, head)
+    names = [n for n in (reader.names if names is None else names) if not table.is_ignored_hf(n)]
+    where = reader.index_file or reader.files[0]
+    for name in names:
+        if name not in expected:
+            raise CheckpointError(
+                f"{reader.file_of(name)}: unexpected tensor {name!r} {_fmt_shape(reader.shape(name))}: "
+                f"not part of a GPT-J {table.ARCHITECTURES[head]} checkpoint"
+            )
+        if tuple(reader.shape(name)) != expected[name]:
+            raise CheckpointError(
+                f"{reader.file_of(name)}: tensor {name!r} has shape {_fmt_shape(reader.shape(name))} but the config "
+                f"implies {_fmt_shape(expected[name])} (n_embd={config.n_embd}, n_inner={config.inner_dim}, "
+                f"vocab_size={config.vocab_size}, n_layer={config.n_layer})"
+            )
+    present = set(names)
+    for name, shape in expected.items():
+        if name not in present:
+            raise CheckpointError(
+                f"{where}: missing tensor {name!r}, expected shape {_fmt_shape(shape)} for a "
+                f"{table.ARCHITECTURES[head]} with n_layer={config.n_layer}"
+            )
+    return names
+
+
+def read_param(
+    reader: CheckpointReader, path: str, index: Optional[Index] = None, dtype: Any = None
+) -> np.ndarray:
+    """One parameter in *our* layout (``[in, out]`` kernels), or ``param[index]`` read lazily.
+
+    ``path`` is our ``/``-joined path (``transformer/h_0/attn/q_proj/kernel``); ``index`` is a
+    tuple of slices over our layout, translated to the file's layout (reversed for transposed
+    kernels) so only the slice is read, e.g. the ``[:, 0:512]`` column block one device holds.
+    """
+    name, transform = table.ours_to_hf(path)
+    if index is None:
+        array = reader.read(name)
+    else:
+        index = tuple(index) if isinstance(index, tuple) else (index,)
+        if transform == table.TRANSPOSE:
+            index = tuple(reversed(index + (slice(None),) * (2 - len(index))))
+        array = reader.read_slice(name, index)
+    array = table.apply_transform(array, transform)
+    np_dtype = as_dtype(dtype)
+    return array.astype(np_dtype) if np_dtype is not None and array.dtype != np_dtype else array
+
+
+def from_pretrained(
+    path: PathLike, dtype: Any = None, *, config: Optional[GPTJConfig] = None
+) -> tuple[GPTJConfig, Params]:
+    """Read an HF GPT-J checkpoint directory into ``(config, params)``.
+
+    ``params`` are nested dicts of jax arrays in our layout (see :mod:`gptj_jax.convert.table`);
+    the head (causal LM, sequence classification, question answering or bare model) follows the
+    tensors present. Each tensor is read, transposed if needed, cast to ``dtype`` (None keeps the
+    file's dtype) and ``device_put`` on its own, so at most one host copy exists at a time.
+    ``config`` overrides the directory's ``config.json``.
+    """
+    path = os.fspath(path)
+    if config is None:
+        config = GPTJConfig.from_pretrained(path)
+    np_dtype = as_dtype(dtype)
+    with CheckpointReader(path) as reader:
+        names = [n for n in reader.names if not table.is_ignored_hf(n)]
+        try:
+            head = table.head_of_names(names)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        names = check_tensors(reader, config, head, names)
+        flat: dict[str, Any] = {}
+        for name in names:
+            our_path, transform = table.hf_to_ours(name)
+            array = table.apply_transform(reader.read(name), transform)
+            if np_dtype is not None and array.dtype != np_dtype:
+                array = array.astype(np_dtype)
+            flat[our_path] = jax.device_put(np.ascontiguousarray(array))
+            del array
+    order = table.expected_param_shapes(config, head)
+    return config, table.unflatten({p: flat[p] for p in order})
+
+
+def check_params(config: GPTJConfig, params: Mapping[str, Any]) -> str:
+    """Check a params tree against ``config``; returns its head. Raises CheckpointError naming path and shapes."""
+    try:
+        head = head_of(params)
+    except ValueError as e:
+        raise CheckpointError(f"params: {e}") from None
+    expected = table.expected_param_shapes(config, head)
+    flat = table.flatten(params)
+    for p, leaf in flat.items():
+        if p not in expected:
+            raise CheckpointError(f"params: unexpected leaf {p!r} {_fmt_shape(np.shape(leaf))} for a {table.ARCHITECTURES[head]}")
+        if tuple(np.shape(leaf)) != expected[p]:
+            raise CheckpointError(
+                f"params: leaf {p!r} has shape {_fmt_shape(np.shape(leaf))} but the config implies {_fmt_shape(expected[p])}"
+            )
+    for p, shape in expected.items():
+        if p not in flat:
+            raise CheckpointError(f"params: missing leaf {p!r}, expected shape {_fmt_shape(shape)}")
+    return head
+
+
+def generation_config_dict(config: GPTJConfig) -> dict:
+    """The ``generation_config.json`` transformers derives from a GPT-J config."""
+    out: dict[str, Any] = {"_from_model_config": True}
+    if config.bos_token_id is not None:
+        out["bos_token_id"] = config.bos_token_id
+    if config.eos_token_id is not None:
+        eos = config.eos_token_id
+        out["eos_token_id"] = list(eos) if isinstance(eos, tuple) else eos
+    if config.pad_token_id is not None:
+        out["pad_token_id"] = config.pad_token_id
+    return out
+
+
+def write_config_files(directory: str, config: GPTJConfig, head: str, dtype: Any) -> None:
+    """``config.json`` (architectures, torch_dtype, ``tie_word_embeddings: false``) and ``generation_config.json``."""
+    config = config.replace(tie_word_embeddings=False)
+    config.save_pretrained(directory, architectures=[table.ARCHITECTURES[head]], torch_dtype=dtype_name(dtype))
+    with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump(generation_config_dict(config), f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def make_writer(
+    directory: str,
+    plan: list[tuple[str, tuple[int, ...], np.dtype]],
+    max_shard_size: Union[int, str],
+    safe_serialization: bool,
+) -> Union[SafetensorsWriter, TorchBinWriter]:
+    """A streaming safetensors writer (default) or a shard-at-a-time ``.bin`` writer."""
+    if safe_serialization:
+        return SafetensorsWriter(directory, plan, max_shard_size)
+    return TorchBinWriter(directory, plan, max_shard_size)
+
+
+def save_pretrained(
+    path: PathLike,
+    config: GPTJConfig,
+    params: Mapping[str, Any],
+    *,
+    max_shard_size: Union[int, str] = "5GB",
+    safe_serialization: bool = True,
+) -> None:
+    """Write ``params`` as an HF GPT-J checkpoint directory that ``transformers`` loads as is.
+
+    Writes ``config.json`` (``architectures`` from the params' head, ``torch_dtype`` from the
+    embedding's dtype, ``tie_word_embeddings: false``), ``generation_config.json`` and
+    ``model.safetensors`` (or ``model-0000k-of-0000n.safetensors`` + index when larger than
+    ``max_shard_size``; ``pytorch_model*.bin`` with ``safe_serialization=False``). Everything is
+    written in a temporary sibling directory first; an existing ``path`` gets the new files and
+    loses stale weight files. Tensors keep their dtypes.
+    """
+    head = check_params(config, params)
+    flat = table.flatten(params)
+    plan = []
+    for p in table.expected_param_shapes(config, head):
+        name, transform = table.ours_to_hf(p)
+        leaf = flat[p]
+        plan.append((name, table.transform_shape(tuple(np.shape(leaf)), transform), np.dtype(leaf.dtype)))
+    embed = flat["wte/embedding" if head == "base" else "transformer/wte/embedding"]
+    with staged_dir(path, mode="merge") as tmp:
+        writer = make_writer(tmp, plan, max_shard_size, safe_serialization)
+        try:
+            for name, _, _ in plan:
+                p, transform = table.hf_to_ours(name)
+                writer.write(name, table.apply_transform(np.asarray(flat[p]), transform))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        write_config_files(tmp, config, head, embed.dtype)

@@ -1,0 +1,280 @@
+"""The one mapping table between our parameter pytree and Hugging Face GPT-J state-dict names.
+
+Each row is ``(our path template, HF name template, transform)``. ``{i}`` stands for a layer
+index. ``transform`` is ``"T"`` when the array is transposed between the two layouts (Flax Dense
+kernels are ``[in, out]``, torch ``nn.Linear`` weights are ``[out, in]``) and ``""`` when it is
+copied as is. ``T`` is its own inverse, so the reader (HF -> ours) and the writer (ours -> HF)
+both walk these rows and cannot drift apart.
+
+Our paths are ``/``-joined keys of the nested params dict, e.g. ``transformer/h_3/attn/q_proj/kernel``.
+
+Heads (the names used across ``gptj_jax.convert``):
+
+=========================== ============================== ==============================
+head                        HF architecture                extra tensors
+=========================== ============================== ==============================
+``base``                    ``GPTJModel``                  none; names carry no ``transformer.``
+``causal_lm``               ``GPTJForCausalLM``            ``lm_head.weight`` [V, D], ``lm_head.bias`` [V]
+``sequence_classification`` ``GPTJForSequenceClassification`` ``score.weight`` [num_labels, D]
+``question_answering``      ``GPTJForQuestionAnswering``   ``qa_outputs.weight`` [2, D], ``.bias`` [2]
+=========================== ============================== ==============================
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Mapping
+
+from gptj_jax.config import GPTJConfig
+
+TRANSPOSE = "T"
+IDENTITY = ""
+
+# Rows of the base model (GPTJModel), without the "transformer" prefix.
+BASE_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("wte/embedding", "wte.weight", IDENTITY),
+    ("h_{i}/ln_1/scale", "h.{i}.ln_1.weight", IDENTITY),
+    ("h_{i}/ln_1/bias", "h.{i}.ln_1.bias", IDENTITY),
+    ("h_{i}/attn/q_proj/kernel", "h.{i}.attn.q_proj.weight", TRANSPOSE),
+    ("h_{i}/attn/k_proj/kernel", "h.{i}.attn.k_proj.weight", TRANSPOSE),
+    ("h_{i}/attn/v_proj/kernel", "h.{i}.attn.v_proj.weight", TRANSPOSE),
+    ("h_{i}/attn/out_proj/kernel", "h.{i}.attn.out_proj.weight", TRANSPOSE),
+    ("h_{i}/mlp/fc_in/kernel", "h.{i}.mlp.fc_in.weight", TRANSPOSE),
+    ("h_{i}/mlp/fc_in/bias", "h.{i}.mlp.fc_in.bias", IDENTITY),
+    ("h_{i}/mlp/fc_out/kernel", "h.{i}.mlp.fc_out.weight", TRANSPOSE),
+    ("h_{i}/mlp/fc_out/bias", "h.{i}.mlp.fc_out.bias", IDENTITY),
+    ("ln_f/scale", "ln_f.weight", IDENTITY),
+    ("ln_f/bias", "ln_f.bias", IDENTITY),
+)
+
+# Rows of each head's own tensors (no prefix on either side).
+HEAD_ROWS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "base": (),
+    "causal_lm": (
+        ("lm_head/kernel", "lm_head.weight", TRANSPOSE),
+        ("lm_head/bias", "lm_head.bias", IDENTITY),
+    ),
+    "sequence_classification": (("score/kernel", "score.weight", TRANSPOSE),),
+    "question_answering": (
+        ("qa_outputs/kernel", "qa_outputs.weight", TRANSPOSE),
+        ("qa_outputs/bias", "qa_outputs.bias", IDENTITY),
+    ),
+}
+
+HEADS: tuple[str, ...] = tuple(HEAD_ROWS)
+
+ARCHITECTURES: dict[str, str] = {
+    "base": "GPTJModel",
+    "causal_lm": "GPTJForCausalLM",
+    "sequence_classification": "GPTJForSequenceClassification",
+    "question_answering": "GPTJForQuestionAnswering",
+}
+HEAD_OF_ARCHITECTURE: dict[str, str] = {v: k for k, v in ARCHITECTURES.items()}
+
+# Buffers that old checkpoints carry and transformers ignores on load
+# (``_keys_to_ignore_on_load_unexpected`` of GPTJPreTrainedModel).
+IGNORED_HF = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
+
+PREFIX_OURS = "transformer/"
+PREFIX_HF = "transformer."
+
+
+def rows(head: str) -> tuple[tuple[str, str, str], ...]:
+    """All rows (templates, with the ``transformer`` prefix applied) for a model with ``head``."""
+    if head not in HEAD_ROWS:
+        raise ValueError(f"unknown head {head!r}; expected one of {list(HEADS)}")
+    if head == "base":
+        return BASE_ROWS
+    prefixed = tuple((PREFIX_OURS + o, PREFIX_HF + h, t) for o, h, t in BASE_ROWS)
+    return prefixed + HEAD_ROWS[head]
+
+
+def _compile(template: str) -> re.Pattern:
+    parts = template.split("{i}")
+    return re.compile("^" + r"(\d+)".join(re.escape(p) for p in parts) + "$")
+
+
+# (regex over HF names, regex over our paths, our template, HF template, transform), over every head.
+_MATCHERS: list[tuple[re.Pattern, re.Pattern, str, str, str]] = []
+for _head in HEADS:
+    for _ours, _hf, _t in rows(_head):
+        if not any(m[2] == _ours for m in _MATCHERS):
+            _MATCHERS.append((_compile(_hf), _compile(_ours), _ours, _hf, _t))
+
+
+def hf_to_ours(name: str) -> tuple[str, str]:
+    """Map an HF state-dict name to ``(our path, transform)``.
+
+    ``hf_to_ours("transformer.h.3.attn.q_proj.weight") == ("transformer/h_3/attn/q_proj/kernel", "T")``.
+    Raises KeyError for a name no row matches (including the ignored ``attn.bias`` buffers).
+    """
+    for hf_re, _, ours, _, transform in _MATCHERS:
+        m = hf_re.match(name)
+        if m:
+            return (ours.replace("{i}", m.group(1)) if m.groups() else ours), transform
+    raise KeyError(f"{name!r} is not a GPT-J tensor name")
+
+
+def ours_to_hf(path: str) -> tuple[str, str]:
+    """Map our ``/``-joined param path to ``(HF name, transform)``; the inverse of :func:`hf_to_ours`."""
+    for _, ours_re, _, hf, transform in _MATCHERS:
+        m = ours_re.match(path)
+        if m:
+            return (hf.replace("{i}", m.group(1)) if m.groups() else hf), transform
+    raise KeyError(f"{path!r} is not a GPT-J parameter path")
+
+
+def is_ignored_hf(name: str) -> bool:
+    """True for the ``attn.bias`` / ``attn.masked_bias`` buffers of old checkpoints (skipped on load)."""
+    return IGNORED_HF.match(name) is not None
+
+
+def _base_shapes(config: GPTJConfig) -> dict[str, tuple[int, ...]]:
+    """HF shapes of the rows of BASE_ROWS for one layer template / the non-layer tensors."""
+    d, f, v = config.n_embd, config.inner_dim, config.vocab_size
+    return {
+        "wte.weight": (v, d),
+        "h.{i}.ln_1.weight": (d,),
+        "h.{i}.ln_1.bias": (d,),
+        "h.{i}.attn.q_proj.weight": (d, d),
+        "h.{i}.attn.k_proj.weight": (d, d),
+        "h.{i}.attn.v_proj.weight": (d, d),
+        "h.{i}.attn.out_proj.weight": (d, d),
+        "h.{i}.mlp.fc_in.weight": (f, d),
+        "h.{i}.mlp.fc_in.bias": (f,),
+        "h.{i}.mlp.fc_out.weight": (d, f),
+        "h.{i}.mlp.fc_out.bias": (d,),
+        "ln_f.weight": (d,),
+        "ln_f.bias": (d,),
+    }
+
+
+def _head_shapes(config: GPTJConfig, head: str) -> dict[str, tuple[int, ...]]:
+    d = config.n_embd
+    return {
+        "base": {},
+        "causal_lm": {"lm_head.weight": (config.vocab_size, d), "lm_head.bias": (config.vocab_size,)},
+        "sequence_classification": {"score.weight": (config.num_labels, d)},
+        "question_answering": {"qa_outputs.weight": (2, d), "qa_outputs.bias": (2,)},
+    }[head]
+
+
+def expected_shapes(config: GPTJConfig, head: str) -> dict[str, tuple[int, ...]]:
+    """``{HF name: HF shape}`` of every tensor a ``head`` checkpoint for ``config`` holds, in table order.
+
+    E.g. for GPT-J-6B causal LM: ``transformer.wte.weight`` (50400, 4096),
+    ``transformer.h.0.mlp.fc_in.weight`` (16384, 4096), ..., ``lm_head.bias`` (50400,).
+    """
+    if head not in HEAD_ROWS:
+        raise ValueError(f"unknown head {head!r}; expected one of {list(HEADS)}")
+    prefix = "" if head == "base" else PREFIX_HF
+    base = _base_shapes(config)
+    out: dict[str, tuple[int, ...]] = {}
+    for _, hf, _ in BASE_ROWS:
+        if "{i}" in hf:
+            continue
+        if hf == "ln_f.weight":  # keep table order: embedding, layers, final norm
+            for i in range(config.n_layer):
+                for _, hf_l, _ in BASE_ROWS:
+                    if "{i}" in hf_l:
+                        out[prefix + hf_l.replace("{i}", str(i))] = base[hf_l]
+        out[prefix + hf] = base[hf]
+    out.update(_head_shapes(config, head))
+    return out
+
+
+def transform_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
+    """The shape on the other side of ``transform`` (reversed for ``"T"``)."""
+    return tuple(reversed(shape)) if transform == TRANSPOSE else tuple(shape)
+
+
+def apply_transform(array: Any, transform: str) -> Any:
+    """Apply ``transform`` to an array (numpy, jax or torch 2-D: ``.T``); the same call goes both ways."""
+    if transform == TRANSPOSE:
+        if array.ndim != 2:
+            raise ValueError(f"transpose expects a 2-D array, got shape {tuple(array.shape)}")
+        return array.T
+    if transform != IDENTITY:
+        raise ValueError(f"unknown transform {transform!r}")
+    return array
+
+
+def expected_param_shapes(config: GPTJConfig, head: str) -> dict[str, tuple[int, ...]]:
+    """``{our path: shape}`` for ``head`` (kernels ``[in, out]``), derived from :func:`expected_shapes`."""
+    out = {}
+    for name, shape in expected_shapes(config, head).items():
+        path, transform = hf_to_ours(name)
+        out[path] = transform_shape(shape, transform)
+    return out
+
+
+# ---------------------------------------------------------------------- pytree helpers
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> ``{"a/b/c": leaf}`` (insertion order)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, path + "/"))
+        else:
+            out[path] = value
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a/b/c": leaf}`` -> nested dicts."""
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        keys = path.split("/")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return out
+
+
+def head_of(params: Mapping[str, Any]) -> str:
+    """Which head a params tree is for: ``base``, ``causal_lm``, ``sequence_classification`` or ``question_answering``.
+
+    Raises ValueError when the top-level keys fit none of them.
+    """
+    keys = set(params)
+    if "transformer" not in keys:
+        if "wte" in keys:
+            return "base"
+        raise ValueError(f"params have neither 'transformer' nor 'wte' at the top level: {sorted(keys)}")
+    extra = keys - {"transformer"}
+    for head, head_rows in HEAD_ROWS.items():
+        if head != "base" and extra == {r[0].split("/")[0] for r in head_rows}:
+            return head
+    if not extra:
+        raise ValueError("params hold 'transformer' but no head ('lm_head', 'score' or 'qa_outputs')")
+    raise ValueError(f"params hold unknown top-level keys {sorted(extra)} next to 'transformer'")
+
+
+def architecture_of(params: Mapping[str, Any]) -> str:
+    """The HF class name for a params tree, e.g. ``GPTJForCausalLM``."""
+    return ARCHITECTURES[head_of(params)]
+
+
+def head_of_names(names: Iterable[str]) -> str:
+    """Which head an HF checkpoint is for, from its tensor names (``lm_head.*`` -> causal_lm, ...).
+
+    Raises ValueError when the names mix heads or fit none.
+    """
+    names = set(names)
+    found = [
+        head
+        for head, head_rows in HEAD_ROWS.items()
+        if head != "base" and any(r[1] in names for r in head_rows)
+    ]
+    if len(found) > 1:
+        raise ValueError(f"checkpoint holds tensors of several heads: {found}")
+    if found:
+        return found[0]
+    if any(n.startswith(PREFIX_HF) for n in names):
+        # A prefixed checkpoint without head tensors: a GPTJForCausalLM missing lm_head is the
+        # likeliest reading; report it as causal_lm so validation names the missing tensors.
+        return "causal_lm"
+    return "base"
+
