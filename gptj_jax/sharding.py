@@ -162,7 +162,8 @@ def describe_mesh(mesh: Mesh) -> str:
 
 
 # ---------------------------------------------------------------------------------------- rules
-def _as_tuple(target: MeshAxes) -> tuple[str, ...]:
+def as_axes(target: MeshAxes) -> tuple[str, ...]:
+    """A rule target (None, an axis name or a tuple of them) as a tuple of axis names."""
     if target is None:
         return ()
     if isinstance(target, str):
@@ -173,7 +174,7 @@ def _as_tuple(target: MeshAxes) -> tuple[str, ...]:
 def validate_rules(rules: Rules, axis_names: Sequence[str] = MESH_AXES) -> None:
     """Raise ValueError for a rule targeting a mesh axis that does not exist."""
     for name, target in rules:
-        for axis in _as_tuple(target):
+        for axis in as_axes(target):
             if axis not in axis_names:
                 raise ValueError(
                     f"rule ({name!r}, {target!r}) names unknown mesh axis {axis!r}; the axes are {', '.join(axis_names)}"
@@ -196,7 +197,7 @@ def logical_to_mesh(names: Sequence[Optional[str]], rules: Rules = DEFAULT_RULES
         for rule_name, target in rules:
             if rule_name != name:
                 continue
-            axes = _as_tuple(target)
+            axes = as_axes(target)
             if not axes:
                 break  # an explicit "replicated" rule
             if used.isdisjoint(axes):
@@ -204,6 +205,15 @@ def logical_to_mesh(names: Sequence[Optional[str]], rules: Rules = DEFAULT_RULES
                 used.update(axes)
                 break
         out.append(chosen)
+    return P(*out)
+
+
+def drop_trivial_axes(spec: P, mesh: Mesh) -> P:
+    """``spec`` without the mesh axes of size 1 (same layout; lets ``shard_map`` skip no-op collectives)."""
+    out: list[MeshAxes] = []
+    for target in tuple(spec):
+        axes = tuple(a for a in as_axes(target) if int(mesh.shape[a]) > 1)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*out)
 
 
@@ -217,7 +227,7 @@ def _map_specs(fn, tree: Any) -> Any:
 
 def axis_size(mesh: Mesh, target: MeshAxes) -> int:
     """Product of the sizes of the mesh axes in ``target`` (1 for None)."""
-    return math.prod(int(mesh.shape[a]) for a in _as_tuple(target))
+    return math.prod(int(mesh.shape[a]) for a in as_axes(target))
 
 
 def validate_config(config: GPTJConfig, mesh: Mesh, head: str = "causal_lm", rules: Rules = DEFAULT_RULES) -> None:
@@ -231,11 +241,11 @@ def validate_config(config: GPTJConfig, mesh: Mesh, head: str = "causal_lm", rul
         target = logical_to_mesh((logical,), rules)[0]
         n = axis_size(mesh, target)
         if size % n:
-            axes = " x ".join(f"{a}={mesh.shape[a]}" for a in _as_tuple(target))
+            axes = " x ".join(f"{a}={mesh.shape[a]}" for a in as_axes(target))
             fits = [d for d in range(1, n + 1) if size % d == 0]
             raise ValueError(
                 f"mesh axis {axes} does not divide {field}={size} ({logical!r} is split over "
-                f"{' x '.join(_as_tuple(target))} by the rules); sizes up to {n} that divide it: {fits}"
+                f"{' x '.join(as_axes(target))} by the rules); sizes up to {n} that divide it: {fits}"
             )
 
 
@@ -361,7 +371,7 @@ def check_batch(mesh: Mesh, batch_size: int, rules: Rules = DEFAULT_RULES) -> No
     target = logical_to_mesh(("batch",), rules)[0]
     n = axis_size(mesh, target)
     if batch_size % n:
-        axes = " x ".join(f"{a}={mesh.shape[a]}" for a in _as_tuple(target))
+        axes = " x ".join(f"{a}={mesh.shape[a]}" for a in as_axes(target))
         raise ValueError(
             f"batch size {batch_size} does not split over the batch axes {axes} = {n}; "
             f"use a batch that is a multiple of {n} (or a mesh with fewer data-parallel devices)"
@@ -421,6 +431,19 @@ def init_sharded_cache(
     make = functools.partial(init_cache, config, batch_size, max_len, dtype)
     shardings = cache_shardings(config, mesh, jax.eval_shape(make), rules)
     return jax.jit(make, out_shardings=shardings)()
+
+
+def abstract_params(
+    config: GPTJConfig, mesh: Mesh, head: str = "causal_lm", param_dtype: Any = jnp.float32, rules: Rules = DEFAULT_RULES
+) -> Any:
+    """``ShapeDtypeStruct`` params carrying their shardings (for AOT lowering; no arrays are made)."""
+    module = model_for(config, head, param_dtype=param_dtype)
+    boxed = jax.eval_shape(lambda k: module.init(k, jnp.zeros((1, 1), jnp.int32))["params"], jax.random.PRNGKey(0))
+    return jax.tree.map(
+        lambda s, shd: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shd),
+        nn.meta.unbox(boxed),
+        param_shardings(config, mesh, head, rules),
+    )
 
 
 # ---------------------------------------------------------------------------------------- accounting
