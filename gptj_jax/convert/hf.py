@@ -52,13 +52,14 @@ def check_tensors(
                 f"{reader.file_of(name)}: unexpected tensor {name!r} {_fmt_shape(reader.shape(name))}: "
                 f"not part of a GPT-J {table.ARCHITECTURES[head]} checkpoint"
             )
-        if tuple(reader.shape(name)) != expected[name]:
+    present = set(names)
+    for name in expected:  # table order, so the first mismatch reported is the first in the model
+        if name in present and tuple(reader.shape(name)) != expected[name]:
             raise CheckpointError(
                 f"{reader.file_of(name)}: tensor {name!r} has shape {_fmt_shape(reader.shape(name))} but the config "
                 f"implies {_fmt_shape(expected[name])} (n_embd={config.n_embd}, n_inner={config.inner_dim}, "
                 f"vocab_size={config.vocab_size}, n_layer={config.n_layer})"
             )
-    present = set(names)
     for name, shape in expected.items():
         if name not in present:
             raise CheckpointError(

@@ -1,0 +1,79 @@
+"""The ``gptj-jax convert`` verb: flags in, :func:`gptj_jax.convert.pipeline.convert` out.
+
+    gptj-jax convert SRC DST --to {hf,flax,mtj} [--config PATH] [--dtype float32|bfloat16|float16]
+                     [--max-shard-size 5GB] [--shards N] [--overwrite]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "convert a checkpoint between Transformers, gptj-jax Flax and mesh-transformer-jax formats"
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``convert`` flags to an (already created) sub-parser."""
+    p.add_argument("src", metavar="SRC", help="source checkpoint; its format (hf, flax, mtj) is detected")
+    p.add_argument("dst", metavar="DST", help="output directory (written to a temporary sibling, then renamed)")
+    p.add_argument("--to", required=True, choices=["hf", "flax", "mtj"], help="output format")
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help="HF config.json or mesh-transformer-jax config JSON; required for mesh-transformer-jax sources",
+    )
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast every tensor (default: keep)")
+    p.add_argument("--max-shard-size", default="5GB", help="HF output: largest safetensors shard (default 5GB)")
+    p.add_argument("--shards", type=int, help="mesh-transformer-jax output: number of model-parallel shards (mp)")
+    p.add_argument(
+        "--mtj-layout", choices=["slim", "full"], default="slim",
+        help="mesh-transformer-jax output: params only (slim) or with zeroed Adam state (full)",
+    )
+    p.add_argument("--no-tokenizer", action="store_true", help="HF output: do not write the GPT-J tokenizer files")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
+
+
+def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``convert`` on an ``add_subparsers()`` object; returns its parser."""
+    p = subparsers.add_parser("convert", help=HELP, description=HELP)
+    add_convert_arguments(p)
+    p.set_defaults(func=run_convert)
+    return p
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Run the conversion; exceptions propagate (the top-level CLI turns them into one error line)."""
+    from gptj_jax.convert.pipeline import convert
+
+    convert(
+        args.src,
+        args.dst,
+        to=args.to,
+        config=args.config,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        shards=args.shards,
+        overwrite=args.overwrite,
+        mtj_layout=args.mtj_layout,
+        tokenizer=not args.no_tokenizer,
+        verbose=not args.quiet,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gptj_jax.convert.cli SRC DST --to ...``: the verb on its own, errors as one line."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="gptj-jax convert", description=HELP)
+    add_convert_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_convert(args)
+    except Exception as e:  # one line and a non-zero exit, as the main CLI does
+        print(f"gptj-jax convert: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""Our Flax checkpoint format: an orbax PyTree checkpoint of the params, plus ``config.json``.
+
+Layout (documented for users in ``docs/checkpoint-format.md``)::
+
+    <ckpt>/config.json        HF-format GPTJConfig, ``architectures`` naming the head
+    <ckpt>/params/            orbax StandardCheckpointer item (OCDBT): the params pytree,
+                              nested dicts keyed exactly like the model (``transformer/h_0/attn/...``)
+
+A training run (orbax ``CheckpointManager`` with an item named ``params``) writes the same item per
+step, ``<run>/<step>/params/``, with ``config.json`` in ``<run>/`` or ``<run>/<step>/``; pointing
+:func:`resolve` (and ``gptj-jax convert``) at ``<run>`` picks the newest step.
+
+Reads go leaf group by leaf group with orbax's ``partial_restore`` into NumPy arrays, so converting
+a Flax checkpoint to another format never holds the whole model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import jax
+import numpy as np
+
+from gptj_jax.config import GPTJConfig
+from gptj_jax.convert import table
+from gptj_jax.convert.errors import CheckpointError
+from gptj_jax.convert.io import _fmt_shape, as_dtype, dtype_name
+from gptj_jax.convert.staging import staged_dir
+
+PathLike = Union[str, os.PathLike]
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+# orbax writes one of these at the root of every finished item.
+_ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
+
+
+def _ocp() -> Any:
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def _is_item(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in _ORBAX_MARKERS)
+
+
+def _steps(directory: str) -> list[int]:
+    """Numeric step subdirectories of a run that hold a finished ``params`` item, ascending."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(
+        int(n)
+        for n in os.listdir(directory)
+        if re.fullmatch(r"\d+", n) and _is_item(os.path.join(directory, n, PARAMS_DIR))
+    )
+
+
+def is_flax_checkpoint(path: PathLike) -> bool:
+    """True for ``<ckpt>`` with ``params/`` (an orbax item) or a run directory of numbered steps."""
+    path = os.fspath(path)
+    return _is_item(os.path.join(path, PARAMS_DIR)) or bool(_steps(path))
+
+
+def resolve(path: PathLike) -> tuple[str, Optional[str]]:
+    """``(params item dir, config.json path or None)`` for a checkpoint dir or a run dir (newest step)."""
+    path = os.path.abspath(os.fspath(path))
+    if _is_item(os.path.join(path, PARAMS_DIR)):
+        ckpt = path
+    else:
+        steps = _steps(path)
+        if not steps:
+            raise CheckpointError(f"{path}: not a gptj-jax Flax checkpoint (no {PARAMS_DIR}/ orbax item, no <step>/{PARAMS_DIR}/)")
+        ckpt = os.path.join(path, str(steps[-1]))
+    for candidate in (os.path.join(ckpt, CONFIG_FILE), os.path.join(os.path.dirname(ckpt), CONFIG_FILE)):
+        if os.path.isfile(candidate):
+            return os.path.join(ckpt, PARAMS_DIR), candidate
+    return os.path.join(ckpt, PARAMS_DIR), None
+
+
+def _write(directory: str, config: GPTJConfig, params: Mapping[str, Any]) -> None:
+    """Write ``config.json`` and ``params/`` into an existing (staging) directory."""
+    head = table.head_of(params)
+    leaves = table.flatten(params)
+    embed = leaves["wte/embedding" if head == "base" else "transformer/wte/embedding"]
+    config.replace(tie_word_embeddings=False).save_pretrained(
+        directory, architectures=[table.ARCHITECTURES[head]], torch_dtype=dtype_name(embed.dtype)
+    )
+    # jax arrays, not NumPy: orbax copies NumPy leaves before writing, CPU jax arrays it reads in place.
+    tree = jax.tree_util.tree_map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), dict(params))
+    ocp = _ocp()
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(os.path.abspath(directory), PARAMS_DIR), tree)
+        checkpointer.wait_until_finished()
+
+
+def save(path: PathLike, config: GPTJConfig, params: Mapping[str, Any], *, overwrite: bool = False) -> None:
+    """Save ``params`` (any head) and ``config`` as a gptj-jax Flax checkpoint at ``path``.
+
+    Written in a temporary sibling directory and renamed into place; an existing ``path`` is an
+    error unless ``overwrite``.
+    """
+    from gptj_jax.convert.hf import check_params
+
+    check_params(config, params)
+    with staged_dir(path, mode="replace", overwrite=overwrite) as tmp:
+        _write(tmp, config, params)
+
+
+class FlaxReader:
+    """Lazy reader of a Flax checkpoint: shapes from orbax metadata, leaves restored on demand.
+
+    ``read(paths)`` restores just those leaves (orbax ``partial_restore``) as NumPy arrays.
+    """
+
+    def __init__(self, path: PathLike, config: Optional[GPTJConfig] = None):
+        self.path = os.fspath(path)
+        self.params_dir, config_file = resolve(self.path)
+        if config is None:
+            if config_file is None:
+                raise CheckpointError(f"{self.path}: no {CONFIG_FILE} next to {self.params_dir}; pass config=")
+            config = GPTJConfig.from_pretrained(config_file)
+        self.config = config
+        ocp = _ocp()
+        try:
+            meta = ocp.PyTreeCheckpointer().metadata(self.params_dir).item_metadata
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise CheckpointError(f"{self.params_dir}: cannot read orbax metadata ({type(e).__name__}: {e})") from None
+        tree = meta.tree if hasattr(meta, "tree") else meta
+        if not isinstance(tree, Mapping):
+            raise CheckpointError(f"{self.params_dir}: orbax metadata is not a params tree")
+        flat = table.flatten(tree)
+        self._shape = {p: tuple(m.shape) for p, m in flat.items()}
+        self._dtype = {p: np.dtype(m.dtype) for p, m in flat.items()}
+        try:
+            self.head = table.head_of(tree)
+        except ValueError as e:
+            raise CheckpointError(f"{self.params_dir}: {e}") from None
+        expected = table.expected_param_shapes(config, self.head)
+        for p, shape in self._shape.items():
+            if p not in expected:
+                raise CheckpointError(f"{self.params_dir}: unexpected leaf {p!r} {_fmt_shape(shape)}")
+            if shape != expected[p]:
+                raise CheckpointError(
+                    f"{self.params_dir}: leaf {p!r} has shape {_fmt_shape(shape)} but the config implies "
+                    f"{_fmt_shape(expected[p])}"
+                )
+        for p, shape in expected.items():
+            if p not in self._shape:
+                raise CheckpointError(f"{self.params_dir}: missing leaf {p!r}, expected shape {_fmt_shape(shape)}")
+        self.paths = list(expected)
+
+    def shape(self, path: str) -> tuple[int, ...]:
+        return self._shape[path]
+
+    def dtype(self, path: str) -> np.dtype:
+        return self._dtype[path]
+
+    def nbytes(self, path: str) -> int:
+        return int(np.prod(self._shape[path], dtype=np.int64)) * self._dtype[path].itemsize
+
+    def read(self, paths: Sequence[str]) -> dict[str, np.ndarray]:
+        """Restore the leaves at ``paths`` (our layout) as NumPy arrays."""
+        ocp = _ocp()
+        item = table.unflatten({p: 0 for p in paths})
+        restore_args = table.unflatten({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in paths})
+        try:
+            restored = ocp.PyTreeCheckpointer().restore(
+                self.params_dir,
+                args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+            )
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise CheckpointError(
+                f"{self.params_dir}: cannot restore {list(paths)[:3]}... ({type(e).__name__}: {e})"
+            ) from None
+        flat = table.flatten(restored)
+        out = {}
+        for p in paths:
+            array = np.asarray(flat[p])
+            if array.shape != self._shape[p]:
+                raise CheckpointError(
+                    f"{self.params_dir}: leaf {p!r} restored with shape {_fmt_shape(array.shape)}, metadata says "
+                    f"{_fmt_shape(self._shape[p])}"
+                )
+            out[p] = array
+        return out
+
+    def groups(self, budget: int) -> list[list[str]]:
+        """Leaves in table order, cut into groups of at most ``budget`` bytes (a bigger leaf alone)."""
+        out: list[list[str]] = [[]]
+        size = 0
+        for p in self.paths:
+            n = self.nbytes(p)
+            if out[-1] and size + n > budget:
+                out.append([])
+                size = 0
+            out[-1].append(p)
+            size += n
+        return [g for g in out if g]
+
+    def iter_leaves(self, budget: Optional[int] = None) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield ``(path, array)`` in table order, restoring about ``budget`` bytes per orbax call
+        (default: the largest leaf, so peak memory stays near two leaves)."""
+        budget = budget or max(self.nbytes(p) for p in self.paths)
+        for group in self.groups(budget):
+            arrays = self.read(group)
+            for p in group:
+                yield p, arrays.pop(p)
+
+
+def restore(path: PathLike, dtype: Any = None, *, config: Optional[GPTJConfig] = None) -> tuple[GPTJConfig, dict]:
+    """Load a Flax checkpoint (or a run dir's newest step) into ``(config, params)`` of jax arrays.
+
+    ``dtype`` casts every leaf (None keeps the stored dtypes).
+    """
+    reader = FlaxReader(path, config)
+    np_dtype = as_dtype(dtype)
+    flat = {}
+    for p, array in reader.iter_leaves():
+        if np_dtype is not None and array.dtype != np_dtype:
+            array = array.astype(np_dtype)
+        flat[p] = jax.device_put(array)
+    return reader.config, table.unflatten(flat)
+

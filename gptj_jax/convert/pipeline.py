@@ -1,0 +1,378 @@
+"""``convert(src, dst, to=...)``: any of HF / Flax / mesh-transformer-jax to any, one tensor at a time.
+
+Every source exposes HF tensor names and HF-layout arrays (:class:`Source`); every target consumes
+them in a streaming way. Output goes to a temporary sibling of ``dst`` that is renamed into place
+only when everything is written, so ``dst`` is untouched on error.
+
+Peak memory (beyond the interpreter): HF and mtj targets hold one tensor plus its cast / transposed
+copy (mtj: plus one npz file's leaves per shard); a Flax target holds the model once, in the target
+dtype, as orbax writes a whole tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Iterator, Optional, Union
+
+import numpy as np
+
+from gptj_jax.config import ConfigError, GPTJConfig
+from gptj_jax.convert import flax as flax_ckpt
+from gptj_jax.convert import mtj, table
+from gptj_jax.convert.errors import CheckpointError
+from gptj_jax.convert.hf import check_tensors, make_writer, write_config_files
+from gptj_jax.convert.io import CheckpointReader, as_dtype, dtype_name, has_hf_weights
+from gptj_jax.convert.staging import staged_dir
+
+PathLike = Union[str, os.PathLike]
+FORMATS = ("hf", "flax", "mtj")
+
+
+# ====================================================================================== config
+def load_config(path: PathLike) -> tuple[GPTJConfig, Optional[int]]:
+    """An HF ``config.json`` or a mesh-transformer-jax JSON config -> ``(config, mp or None)``.
+
+    A directory means its ``config.json``. The mtj kind is recognised by ``d_model`` / ``layers``.
+    """
+    path = os.fspath(path)
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file}: config file does not exist")
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a JSON object")
+    if mtj.is_mtj_config(data):
+        return mtj.config_from_mtj(data, source=file)
+    return GPTJConfig.from_dict(data, source=file), None
+
+
+# ====================================================================================== detection
+def detect_format(path: PathLike) -> str:
+    """``"hf"``, ``"flax"`` or ``"mtj"`` for a checkpoint directory; CheckpointError otherwise."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: source does not exist")
+    if os.path.isdir(path):
+        if has_hf_weights(path):
+            return "hf"
+        if flax_ckpt.is_flax_checkpoint(path):
+            return "flax"
+        if mtj.is_mtj_dir(path):
+            return "mtj"
+        entries = sorted(os.listdir(path))
+        shown = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "") if entries else "nothing"
+    else:
+        shown = "a file"
+    raise CheckpointError(
+        f"{path}: unknown source layout (holds {shown}); expected an HF directory (config.json + "
+        "model.safetensors / pytorch_model.bin, or a sharded index of either), a gptj-jax Flax checkpoint "
+        "(config.json + params/), or a mesh-transformer-jax model dir (meta.json + step_<N>/) or step dir (shard_0/ ...)"
+    )
+
+
+# ====================================================================================== sources
+class Source:
+    """HF-named, HF-layout tensors from a checkpoint. ``names`` is the cheap read order."""
+
+    format: str
+    path: str
+    config: GPTJConfig
+    head: str
+    names: list[str]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return table.expected_shapes(self.config, self.head)[name]
+
+    def dtype(self, name: str) -> np.dtype:
+        raise NotImplementedError
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor, any order (HF layout, stored dtype)."""
+        raise NotImplementedError
+
+    def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """All tensors in :attr:`names` order, one at a time."""
+        for name in self.names:
+            yield name, self.read(name)
+
+    def close(self) -> None:
+        pass
+
+
+class HFSource(Source):
+    format = "hf"
+
+    def __init__(self, path: str, config: Optional[GPTJConfig]):
+        self.path = path
+        self.config = config if config is not None else GPTJConfig.from_pretrained(path)
+        self.reader = CheckpointReader(path)
+        names = [n for n in self.reader.names if not table.is_ignored_hf(n)]
+        try:
+            self.head = table.head_of_names(names)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        self.names = check_tensors(self.reader, self.config, self.head, names)
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.reader.dtype(name)
+
+    def read(self, name: str) -> np.ndarray:
+        return self.reader.read(name)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class FlaxSource(Source):
+    format = "flax"
+
+    def __init__(self, path: str, config: Optional[GPTJConfig]):
+        self.path = path
+        self.reader = flax_ckpt.FlaxReader(path, config)
+        self.config = self.reader.config
+        self.head = self.reader.head
+        self._path_of = {}
+        for p in self.reader.paths:
+            self._path_of[table.ours_to_hf(p)[0]] = p
+        self.names = list(self._path_of)
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.reader.dtype(self._path_of[name])
+
+    def read(self, name: str) -> np.ndarray:
+        p = self._path_of[name]
+        return table.apply_transform(self.reader.read([p])[p], table.ours_to_hf(p)[1])
+
+    def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        for p, array in self.reader.iter_leaves():
+            name, transform = table.ours_to_hf(p)
+            yield name, table.apply_transform(array, transform)
+
+
+class MtjSource(Source):
+    format = "mtj"
+    head = "causal_lm"
+
+    def __init__(self, path: str, config: GPTJConfig):
+        self.path = path
+        self.config = config
+        self.reader = mtj.MtjReader(path, config)
+        self.names = list(self.reader.names)
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.reader.dtype()
+
+    def read(self, name: str) -> np.ndarray:
+        return self.reader.read(name)
+
+    def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        return self.reader.iter_tensors()
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def open_source(src: PathLike, config: Union[None, PathLike, GPTJConfig] = None) -> Source:
+    """Detect ``src``'s format and open it. ``config`` (a GPTJConfig or a path to an HF / mtj JSON
+    config) overrides the checkpoint's own; mesh-transformer-jax sources need it."""
+    src = os.fspath(src)
+    fmt = detect_format(src)
+    cfg: Optional[GPTJConfig]
+    if config is None or isinstance(config, GPTJConfig):
+        cfg = config
+    else:
+        cfg, _ = load_config(config)
+    if fmt == "hf":
+        return HFSource(src, cfg)
+    if fmt == "flax":
+        return FlaxSource(src, cfg)
+    if cfg is None:
+        raise CheckpointError(
+            f"{src}: a mesh-transformer-jax checkpoint carries no config; pass config= (--config) with its "
+            "training config JSON (layers, d_model, n_heads, n_vocab, pe_rotary_dims, seq) or an HF config.json"
+        )
+    return MtjSource(src, cfg)
+
+
+# ====================================================================================== convert
+@dataclasses.dataclass
+class ConvertSummary:
+    """What :func:`convert` did: HF tensors moved, parameters, output dtype, bytes written, seconds."""
+
+    src: str
+    dst: str
+    src_format: str
+    dst_format: str
+    tensors: int
+    parameters: int
+    dtype: str
+    bytes: int
+    seconds: float
+
+    def line(self) -> str:
+        mb_s = self.bytes / 1e6 / self.seconds if self.seconds > 0 else float("inf")
+        return (
+            f"converted {self.src_format} -> {self.dst_format}: {self.tensors} tensors, {self.parameters:,} parameters, "
+            f"{self.dtype}, {self.bytes / 1e9:.3f} GB in {self.seconds:.1f} s ({mb_s:.0f} MB/s) -> {self.dst}"
+        )
+
+
+class _Progress:
+    def __init__(self, total: int, desc: str, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, dynamic_ncols=True)
+        self.parameters = 0
+        self.bytes = 0
+        self.tensors = 0
+
+    def update(self, name: str, array: np.ndarray) -> None:
+        self.tensors += 1
+        self.parameters += int(array.size)
+        self.bytes += int(array.nbytes)
+        self.bar.set_postfix_str(name, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _cast(array: np.ndarray, dtype: Optional[np.dtype]) -> np.ndarray:
+    return array.astype(dtype) if dtype is not None and array.dtype != dtype else array
+
+
+def _write_hf(
+    tmp: str, source: Source, dtype: Optional[np.dtype], max_shard_size: Union[int, str],
+    progress: _Progress, tokenizer: bool, safe_serialization: bool = True,
+) -> np.dtype:
+    expected = table.expected_shapes(source.config, source.head)
+    plan = [(name, shape, dtype or source.dtype(name)) for name, shape in expected.items()]
+    writer = make_writer(tmp, plan, max_shard_size, safe_serialization)
+    try:
+        for name, array in source.iter_tensors():
+            array = _cast(array, dtype)
+            writer.write(name, array)
+            progress.update(name, array)
+            del array
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    out_dtype = dtype or source.dtype(next(iter(expected)))
+    write_config_files(tmp, source.config, source.head, out_dtype)
+    if tokenizer:
+        from gptj_jax.tokenizer import save_tokenizer
+
+        save_tokenizer(tmp)
+    return out_dtype
+
+
+def _write_flax(tmp: str, source: Source, dtype: Optional[np.dtype], progress: _Progress) -> np.dtype:
+    import jax
+
+    flat = {}
+    for name, array in source.iter_tensors():
+        path, transform = table.hf_to_ours(name)
+        array = np.ascontiguousarray(_cast(table.apply_transform(array, transform), dtype))
+        flat[path] = jax.device_put(array)
+        progress.update(name, array)
+        del array
+    order = table.expected_param_shapes(source.config, source.head)
+    params = table.unflatten({p: flat.pop(p) for p in order})
+    flax_ckpt._write(tmp, source.config, params)
+    embed = table.hf_to_ours("wte.weight" if source.head == "base" else "transformer.wte.weight")[0]
+    return np.dtype(table.flatten(params)[embed].dtype)
+
+
+def _write_mtj(
+    tmp: str, source: Source, dtype: Optional[np.dtype], shards: int, layout: str, progress: _Progress
+) -> np.dtype:
+    if source.head != "causal_lm":
+        raise CheckpointError(
+            f"{source.path}: a {table.ARCHITECTURES[source.head]} checkpoint cannot be written as mesh-transformer-jax, "
+            "which holds causal LMs only"
+        )
+    out_dtype = dtype or source.dtype("transformer.wte.weight")
+    mtj.check_mp(source.config, shards, "--shards")
+    mtj.write(tmp, source.config, source.read, shards=shards, dtype=out_dtype, layout=layout, on_tensor=progress.update)
+    return out_dtype
+
+
+def convert(
+    src: PathLike,
+    dst: PathLike,
+    to: str,
+    config: Union[None, PathLike, GPTJConfig] = None,
+    dtype: Any = None,
+    max_shard_size: Union[int, str] = "5GB",
+    shards: Optional[int] = None,
+    overwrite: bool = False,
+    *,
+    mtj_layout: str = "slim",
+    tokenizer: bool = True,
+    safe_serialization: bool = True,
+    verbose: bool = True,
+) -> ConvertSummary:
+    """Convert the checkpoint at ``src`` (format detected) to format ``to`` at ``dst``.
+
+    Args:
+      src: an HF directory, a gptj-jax Flax checkpoint (or training run dir), or a
+        mesh-transformer-jax model / step directory (slim or full).
+      dst: output directory; must not exist unless ``overwrite``.
+      to: ``"hf"``, ``"flax"`` or ``"mtj"``.
+      config: GPTJConfig, or a path to an HF ``config.json`` or mesh-transformer-jax config JSON.
+        Required for mtj sources; overrides the checkpoint's config otherwise. For mtj targets its
+        ``cores_per_replica`` is the default for ``shards``.
+      dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; None keeps the source's dtype.
+      max_shard_size: HF output shard limit (``"5GB"``, ``"200MB"`` or bytes).
+      shards: mp of an mtj output (default: the config's ``cores_per_replica``, else 1).
+      mtj_layout: ``"slim"`` (params + step) or ``"full"`` (with zeroed Adam state) for mtj output.
+      tokenizer: write GPT-J's tokenizer files into an HF output.
+      safe_serialization: HF output as safetensors (default) or ``pytorch_model*.bin``.
+      verbose: show a progress bar per tensor and print the summary line.
+
+    Returns the :class:`ConvertSummary` (also printed as one line when ``verbose``).
+    """
+    if to not in FORMATS:
+        raise ValueError(f"to must be one of {list(FORMATS)}, got {to!r}")
+    start = time.perf_counter()
+    src, dst = os.fspath(src), os.fspath(dst)
+    np_dtype = as_dtype(dtype)
+    mp_from_config = None
+    if config is not None and not isinstance(config, GPTJConfig):
+        config, mp_from_config = load_config(config)
+    if os.path.lexists(dst) and not overwrite:  # fail before reading anything
+        raise CheckpointError(f"{dst}: destination exists; pass overwrite=True (--overwrite) to replace it")
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise CheckpointError(f"{dst}: destination is the source")
+    source = open_source(src, config)
+    try:
+        progress = _Progress(len(source.names), f"{source.format}->{to}", verbose)
+        try:
+            with staged_dir(dst, mode="replace", overwrite=overwrite) as tmp:
+                if to == "hf":
+                    out_dtype = _write_hf(tmp, source, np_dtype, max_shard_size, progress, tokenizer, safe_serialization)
+                elif to == "flax":
+                    out_dtype = _write_flax(tmp, source, np_dtype, progress)
+                else:
+                    mp = shards or mp_from_config or 1
+                    out_dtype = _write_mtj(tmp, source, np_dtype, mp, mtj_layout, progress)
+        finally:
+            progress.close()
+    finally:
+        source.close()
+    summary = ConvertSummary(
+        src=src, dst=dst, src_format=source.format, dst_format=to, tensors=progress.tensors,
+        parameters=progress.parameters, dtype=dtype_name(out_dtype), bytes=progress.bytes,
+        seconds=time.perf_counter() - start,
+    )
+    if verbose:
+        print(summary.line(), flush=True)
+    return summary
