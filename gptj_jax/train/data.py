@@ -1,0 +1,358 @@
+"""Training data: ``prepare`` (text -> packed token records on disk) and the loaders that read them.
+
+On-disk format of a prepared directory (mtj's recipe: each document tokenized, EOS 50256 appended,
+everything concatenated and cut into ``seq + 1``-token records; the tail that does not fill a record is
+dropped)::
+
+    DIR/index.json          {"format": "gptj-jax-tokens", "version": 1, "seq": S, "record_len": S + 1,
+                             "dtype": "uint16", "shards": [{"file": "tokens-00000.bin", "records": n}, ...],
+                             "num_records", "num_tokens", "num_documents", "num_bytes", "dropped_tokens",
+                             "eos_token_id", "sources"}
+    DIR/tokens-00000.bin    raw little-endian uint16, records back to back: [n, S + 1]
+
+``index.json`` is written last, so a directory without it is an unfinished ``prepare``. ``num_bytes``
+(UTF-8 bytes of the text that went into records, pro rata) gives bits per byte in ``gptj-jax eval``.
+
+The training loader is a ``grain`` ``DataLoader`` over :class:`TokenRecords`: shuffled per epoch from the
+seed, sharded by JAX process, endless; its iterator state (the data position) is saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Optional
+
+import numpy as np
+
+INDEX = "index.json"
+FORMAT = "gptj-jax-tokens"
+EOS_TOKEN_ID = 50256  # gptj_jax.tokenizer.EOS_TOKEN_ID (not imported here: that pulls in transformers)
+SHARD_BYTES = 256 * 2**20
+
+
+class DataError(ValueError):
+    """A data directory or input file is missing, empty or inconsistent with the config."""
+
+
+# ---------------------------------------------------------------------------------------- reading text
+def iter_documents(path: str) -> Iterator[str]:
+    """Documents in one input file: a ``.txt`` file is one document; ``.jsonl`` / ``.jsonl.zst`` give each
+    line's ``text`` field. Errors name the file and line."""
+    if not os.path.isfile(path):
+        raise DataError(f"input file {path} does not exist")
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            yield f.read()
+        return
+    if path.endswith(".jsonl.zst") or path.endswith(".jsonl.zstd"):
+        import zstandard
+
+        raw = open(path, "rb")
+        lines: Iterable[str] = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8")
+    elif path.endswith(".jsonl") or path.endswith(".json"):
+        raw = open(path, encoding="utf-8")
+        lines = raw
+    else:
+        raise DataError(f"input file {path}: unsupported extension; expected .txt, .jsonl or .jsonl.zst")
+    with raw:
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f"{path}:{lineno}: expected an object with a string 'text' field")
+            yield record["text"]
+
+
+def _batched(docs: Iterable[str], n: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+_TOKENIZER: Any = None
+
+
+def _tokenize_batch(docs: list[str]) -> list[tuple[np.ndarray, int]]:
+    """(token ids with EOS appended as uint16, UTF-8 byte count) per document. Runs in a worker process."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from gptj_jax.tokenizer import load_tokenizer
+
+        _TOKENIZER = load_tokenizer()
+    ids = _TOKENIZER(docs, add_special_tokens=False, verbose=False)["input_ids"]
+    out = []
+    for doc, toks in zip(docs, ids):
+        arr = np.empty(len(toks) + 1, np.uint16)
+        arr[:-1] = toks
+        arr[-1] = EOS_TOKEN_ID
+        out.append((arr, len(doc.encode("utf-8"))))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- prepare
+def prepare(
+    inputs: Sequence[str],
+    output: str,
+    seq: int = 2048,
+    workers: Optional[int] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    docs_per_task: int = 64,
+) -> dict:
+    """Tokenize ``inputs`` in ``workers`` processes and write packed ``seq + 1``-token records to ``output``.
+
+    Returns the index dict. Raises DataError for a missing or unsupported input, an output that already
+    holds a prepared set (unless ``overwrite``), or a corpus too small for one record.
+    """
+    from tqdm import tqdm
+
+    if seq <= 0:
+        raise DataError(f"--seq must be > 0, got {seq}")
+    if not inputs:
+        raise DataError("no --input files given")
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise DataError(f"input file {path} does not exist")
+    if os.path.exists(os.path.join(output, INDEX)) and not overwrite:
+        raise DataError(f"{output} already holds a prepared data set ({INDEX}); pass --overwrite to replace it")
+    workers = workers or os.cpu_count() or 1
+    record_len = seq + 1
+    tmp = output.rstrip("/") + ".tmp-prepare"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    records_per_shard = max(SHARD_BYTES // (2 * record_len), 1)
+
+    shards: list[dict] = []
+    buf = np.empty(0, np.uint16)
+    buf_bytes = 0.0  # text bytes not yet written (pro rata)
+    totals = {"num_tokens": 0, "num_documents": 0, "num_bytes": 0.0, "num_records": 0}
+    shard_file = None
+    shard_count = 0
+
+    def write_records(records: np.ndarray) -> None:
+        nonlocal shard_file, shard_count
+        while len(records):
+            if shard_file is None or shard_count == records_per_shard:
+                if shard_file is not None:
+                    shard_file.close()
+                name = f"tokens-{len(shards):05d}.bin"
+                shards.append({"file": name, "records": 0})
+                shard_file = open(os.path.join(tmp, name), "wb")
+                shard_count = 0
+            take = min(len(records), records_per_shard - shard_count)
+            shard_file.write(records[:take].astype("<u2").tobytes())
+            shards[-1]["records"] += take
+            shard_count += take
+            records = records[take:]
+
+    docs = (doc for path in inputs for doc in iter_documents(path))
+    tasks = _batched(docs, docs_per_task)
+    pool = None
+    try:
+        if workers > 1:
+            pool = multiprocessing.get_context("spawn").Pool(workers)
+            results: Iterable[list] = pool.imap(_tokenize_batch, tasks, chunksize=1)
+        else:
+            results = map(_tokenize_batch, tasks)
+        bar = tqdm(desc=f"prepare {output}", unit=" docs", disable=not progress, dynamic_ncols=True)
+        for batch in results:
+            for toks, nbytes in batch:
+                totals["num_documents"] += 1
+                totals["num_tokens"] += len(toks)
+                buf = np.concatenate([buf, toks])
+                buf_bytes += nbytes
+            n = len(buf) // record_len
+            if n:
+                used = n * record_len
+                written_bytes = buf_bytes * used / len(buf)
+                totals["num_bytes"] += written_bytes
+                buf_bytes -= written_bytes
+                write_records(buf[:used].reshape(n, record_len))
+                totals["num_records"] += n
+                buf = buf[used:]
+            bar.update(len(batch))
+            bar.set_postfix(tokens=totals["num_tokens"], records=totals["num_records"])
+        bar.close()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+        if shard_file is not None:
+            shard_file.close()
+
+    if totals["num_records"] == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(
+            f"the corpus ({', '.join(inputs)}) gave {totals['num_tokens']} tokens in {totals['num_documents']} "
+            f"documents: fewer than one record of seq + 1 = {record_len} tokens; add text or lower --seq"
+        )
+    index = {
+        "format": FORMAT,
+        "version": 1,
+        "seq": seq,
+        "record_len": record_len,
+        "dtype": "uint16",
+        "shards": shards,
+        "num_records": totals["num_records"],
+        "num_tokens": totals["num_tokens"],
+        "num_documents": totals["num_documents"],
+        "num_bytes": int(round(totals["num_bytes"])),
+        "dropped_tokens": int(len(buf)),
+        "eos_token_id": EOS_TOKEN_ID,
+        "sources": [os.path.abspath(p) for p in inputs],
+    }
+    with open(os.path.join(tmp, INDEX), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+        f.write("\n")
+    if os.path.exists(output):
+        for name in os.listdir(output):
+            if name == INDEX or (name.startswith("tokens-") and name.endswith(".bin")):
+                os.remove(os.path.join(output, name))
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(output, name))
+        os.rmdir(tmp)
+    else:
+        os.replace(tmp, output)
+    return index
+
+
+# ---------------------------------------------------------------------------------------- records
+class TokenRecords:
+    """Random access to the ``[seq + 1]`` uint16 records of a prepared directory (grain data source).
+
+    ``len(r)`` records; ``r[i]`` is a fresh ``np.ndarray[uint16]`` of shape ``[seq + 1]``. Shards are
+    memory-mapped on first use (so the object pickles small for grain workers).
+    """
+
+    def __init__(self, directory: str, key: str = "data directory") -> None:
+        self.directory = directory
+        index_path = os.path.join(directory, INDEX)
+        if not os.path.isdir(directory):
+            raise DataError(f"{key} {directory} does not exist; create it with `gptj-jax prepare --output {directory}`")
+        if not os.path.isfile(index_path):
+            raise DataError(f"{key} {directory} has no {INDEX}: not a directory written by `gptj-jax prepare` "
+                            "(or prepare did not finish)")
+        with open(index_path, encoding="utf-8") as f:
+            self.index = json.load(f)
+        if self.index.get("format") != FORMAT:
+            raise DataError(f"{index_path}: format is {self.index.get('format')!r}, expected {FORMAT!r}")
+        self.seq = int(self.index["seq"])
+        self.record_len = int(self.index["record_len"])
+        counts = [int(s["records"]) for s in self.index["shards"]]
+        self._starts = np.cumsum([0] + counts)
+        self._maps: list[Optional[np.ndarray]] = [None] * len(counts)
+        if self._starts[-1] == 0:
+            raise DataError(f"{key} {directory} holds no records")
+        for s in self.index["shards"]:
+            path = os.path.join(directory, s["file"])
+            expected = int(s["records"]) * self.record_len * 2
+            if not os.path.isfile(path) or os.path.getsize(path) != expected:
+                raise DataError(f"{path}: missing or not {expected} bytes ({s['records']} records of {self.record_len})")
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _shard(self, i: int) -> np.ndarray:
+        m = self._maps[i]
+        if m is None:
+            path = os.path.join(self.directory, self.index["shards"][i]["file"])
+            m = np.memmap(path, dtype="<u2", mode="r").reshape(-1, self.record_len)
+            self._maps[i] = m
+        return m
+
+    def __getitem__(self, idx: int) -> np.ndarray:
+        idx = int(idx)
+        if not 0 <= idx < len(self):
+            raise IndexError(f"record {idx} out of range [0, {len(self)})")
+        s = int(np.searchsorted(self._starts, idx, side="right") - 1)
+        return np.array(self._shard(s)[idx - self._starts[s]], dtype=np.uint16)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Records ``[start, stop)`` as one ``[n, seq + 1]`` uint16 array."""
+        return np.stack([self[i] for i in range(start, stop)]) if stop > start else np.empty((0, self.record_len), np.uint16)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_maps"] = [None] * len(self._maps)
+        return state
+
+    def __repr__(self) -> str:  # goes into grain's saved state: no paths, so a moved data set still restores
+        return f"TokenRecords(records={len(self)}, record_len={self.record_len})"
+
+    @property
+    def bytes_per_token(self) -> float:
+        """UTF-8 bytes of text per token in the records (for bits per byte)."""
+        tokens = len(self) * self.record_len
+        return float(self.index.get("num_bytes", 0)) / tokens if tokens else 0.0
+
+
+def check_records(records: TokenRecords, seq: int, key: str) -> None:
+    """Raise DataError when a prepared set was made for another ``seq``."""
+    if records.seq != seq:
+        raise DataError(
+            f"{key} {records.directory} was prepared with --seq {records.seq} but the config has seq={seq}; "
+            f"prepare it again with --seq {seq}"
+        )
+
+
+# ---------------------------------------------------------------------------------------- loaders
+def train_loader(records: TokenRecords, batch_per_process: int, seed: int, shuffle: bool = True,
+                 worker_count: int = 0) -> Any:
+    """An endless grain ``DataLoader`` of ``[batch_per_process, seq + 1]`` uint16 batches.
+
+    The order is a function of ``seed`` only (shuffled per epoch when ``shuffle``); each JAX process reads
+    its own shard of the records. ``iter(loader)`` gives an iterator with ``get_state`` / ``set_state``
+    (what checkpoints save).
+    """
+    import grain.python as grain
+
+    sampler = grain.IndexSampler(
+        num_records=len(records),
+        shard_options=grain.ShardByJaxProcess(drop_remainder=True),
+        shuffle=shuffle,
+        num_epochs=None,
+        seed=seed,
+    )
+    return grain.DataLoader(
+        data_source=records,
+        sampler=sampler,
+        operations=[grain.Batch(batch_per_process, drop_remainder=True)],
+        worker_count=worker_count,
+    )
+
+
+def eval_batches(records: TokenRecords, global_batch: int, max_batches: Optional[int], process_index: int = 0,
+                 process_count: int = 1) -> Iterator[np.ndarray]:
+    """The first ``max_batches`` (None: all) whole batches of records in order, this process's rows of each.
+
+    Yields ``[global_batch / process_count, seq + 1]`` uint16 arrays. Raises DataError when the set has fewer
+    records than one batch.
+    """
+    n_batches = len(records) // global_batch
+    if n_batches == 0:
+        raise DataError(
+            f"validation set {records.directory} has {len(records)} records, fewer than one batch of {global_batch}; "
+            "add text or lower per_replica_batch"
+        )
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    local = global_batch // process_count
+    for b in range(n_batches):
+        start = b * global_batch + process_index * local
+        yield records.rows(start, start + local)

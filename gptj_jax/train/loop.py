@@ -1,0 +1,409 @@
+"""The training loop: one linear :func:`train` from a :class:`TrainConfig` to a trained checkpoint.
+
+Reading order: mesh -> data -> model shape -> checkpoint manager -> state (restored, loaded or random)
+-> loop (step, log, eval, save, stop on signal or NaN) -> final save.
+
+Checkpoints (orbax ``CheckpointManager`` in ``model_dir``; ``model_dir/config.json`` is the model's HF
+config, so ``gptj-jax convert model_dir ...`` reads the newest step)::
+
+    model_dir/<step>/params/        the params pytree: the Flax checkpoint format of ``convert/flax.py``
+    model_dir/<step>/train_state/   {"step", "rng", "opt_state"}
+    model_dir/<step>/data/          grain iterator state (the data position), one file per process
+    model_dir/<step>/meta/          JSON: step, tokens seen, the training config, the mesh
+
+Saves are asynchronous (the next steps run while the files are written) and atomic (orbax writes a
+temporary directory and renames it when complete: a run killed mid-save leaves the previous checkpoint as
+the newest). Every ``ckpt_every`` steps, at ``total_steps``, and on SIGTERM / Ctrl-C. The last
+``keep_last`` plus every ``keep_every``-th are kept. Running the same command again restores the newest
+checkpoint (onto whatever mesh this run has) and continues exactly: same data order, same RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptj_jax import sharding as sh
+from gptj_jax.config import GPTJConfig
+from gptj_jax.train import data as data_lib
+from gptj_jax.train import step as step_lib
+from gptj_jax.train.config import TrainConfig, TrainConfigError, mesh_sizes, model_config_for
+from gptj_jax.train.optimizer import optimizer_for, schedule_for
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the message names the step and the last good checkpoint."""
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def measure_peak_flops(dtype: Any = jnp.float32, n: int = 2048, seconds: float = 1.0) -> float:
+    """Matmul FLOP/s of one device, measured now: ``[n, n] @ [n, n]`` repeated for about ``seconds``."""
+    device = jax.local_devices()[0]
+    a = jax.device_put(jnp.ones((n, n), dtype), device)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        f(a).block_until_ready()
+        reps += 1
+        dt = time.perf_counter() - t0
+        if dt >= seconds and reps >= 3:
+            return 2.0 * n**3 * reps / dt
+
+
+def _manager(model_dir: str, cfg: TrainConfig) -> Any:
+    import grain.python as grain
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep_last,
+        keep_period=cfg.keep_every,
+        enable_async_checkpointing=cfg.async_checkpointing,
+        create=True,
+    )
+    handlers = {
+        "params": ocp.StandardCheckpointHandler(),
+        "train_state": ocp.StandardCheckpointHandler(),
+        "data": grain.PyGrainCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+    return ocp.CheckpointManager(model_dir, options=options, item_handlers=handlers)
+
+
+def _save(mngr: Any, state: dict, iterator: Any, meta: dict, force: bool = False) -> bool:
+    import grain.python as grain
+    import orbax.checkpoint as ocp
+
+    step = int(meta["step"])
+    if step in mngr.all_steps():
+        return False
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]),
+        train_state=ocp.args.StandardSave({"step": state["step"], "rng": state["rng"], "opt_state": state["opt_state"]}),
+        data=grain.PyGrainCheckpointSave(iterator),
+        meta=ocp.args.JsonSave(meta),
+    )
+    return mngr.save(step, args=args, force=force)
+
+
+def _restore(mngr: Any, step: int, abstract: dict, iterator: Any) -> tuple[dict, dict]:
+    import grain.python as grain
+    import orbax.checkpoint as ocp
+
+    args = ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract["params"]),
+        train_state=ocp.args.StandardRestore(
+            {"step": abstract["step"], "rng": abstract["rng"], "opt_state": abstract["opt_state"]}
+        ),
+        data=grain.PyGrainCheckpointRestore(iterator),
+        meta=ocp.args.JsonRestore(),
+    )
+    out = mngr.restore(step, args=args)
+    ts = out["train_state"]
+    state = {"step": ts["step"], "params": out["params"], "opt_state": ts["opt_state"], "rng": ts["rng"]}
+    return state, dict(out["meta"])
+
+
+def load_params(path: str, config_hint: Optional[GPTJConfig], shardings: Any, param_dtype: Any) -> tuple[GPTJConfig, Any]:
+    """Read a checkpoint (HF dir, our Flax checkpoint or run dir, mtj checkpoint) one tensor at a time and
+    place each directly in its shards. ``config_hint`` is needed for mtj (which stores no config).
+
+    Returns ``(config, params)``; ``shardings`` is called with the checkpoint's config to get the
+    NamedSharding pytree (so the mesh can be validated against it).
+    """
+    from gptj_jax.convert import table
+    from gptj_jax.convert.pipeline import detect_format, open_source
+
+    fmt = detect_format(path)
+    source = open_source(path, config_hint if fmt == "mtj" else None)
+    try:
+        if source.head != "causal_lm":
+            raise TrainConfigError(f"key 'model': {path} holds a {source.head} model; training needs a causal LM head")
+        config = source.config
+        flat_sh = table.flatten(shardings(config))
+        flat: dict[str, Any] = {}
+        for name, array in source.iter_tensors():
+            path_ours, transform = table.hf_to_ours(name)
+            array = np.asarray(table.apply_transform(array, transform)).astype(param_dtype)
+            s = flat_sh[path_ours]
+            flat[path_ours] = jax.make_array_from_callback(array.shape, s, lambda idx, a=array: a[idx])
+            del array
+    finally:
+        source.close()
+    return config, table.unflatten(flat)
+
+
+def _checkpoint_config(path: str, cfg: TrainConfig) -> Optional[GPTJConfig]:
+    """The model config stored with the checkpoint at ``path`` (None for an mtj checkpoint)."""
+    from gptj_jax.convert import flax as flax_ckpt
+    from gptj_jax.convert.pipeline import detect_format
+
+    if not os.path.exists(path):
+        raise TrainConfigError(f"key 'model': {path} does not exist")
+    fmt = detect_format(path)
+    if fmt == "hf":
+        return GPTJConfig.from_pretrained(path)
+    if fmt == "flax":
+        _, config_file = flax_ckpt.resolve(path)
+        if config_file is None:
+            raise TrainConfigError(f"key 'model': {path} has no config.json")
+        return GPTJConfig.from_pretrained(config_file)
+    return None
+
+
+class _Stopper:
+    """SIGTERM / SIGINT set a flag the loop checks after each step; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[str] = None
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self) -> "_Stopper":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+class _Logger:
+    """metrics.jsonl (+ TensorBoard when tensorboardX is installed) on process 0."""
+
+    def __init__(self, model_dir: str, resume_step: int, tensorboard: bool) -> None:
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(model_dir, METRICS_FILE)
+        self.tb = None
+        if not self.enabled:
+            return
+        if os.path.exists(self.path):  # drop rows a killed run wrote past the checkpoint we resume from
+            with open(self.path, encoding="utf-8") as f:
+                rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.writelines(rows)
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.tb = SummaryWriter(os.path.join(model_dir, "tensorboard"))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def evaluate(
+    params: Any, eval_step: Any, records: data_lib.TokenRecords, global_batch: int, max_batches: Optional[int],
+    sharding: Any,
+) -> dict:
+    """Mean token cross entropy over the first ``max_batches`` batches: ``{"loss", "ppl", "tokens"}``."""
+    total = np.zeros(2, np.float64)
+    for local in data_lib.eval_batches(records, global_batch, max_batches, jax.process_index(), jax.process_count()):
+        batch = jax.make_array_from_process_local_data(sharding, local)
+        total += np.asarray(eval_step(params, batch), np.float64)
+    loss = float(total[0] / total[1])
+    return {"loss": loss, "ppl": float(math.exp(min(loss, 700.0))), "tokens": int(total[1])}
+
+
+# ---------------------------------------------------------------------------------------- train
+def train(cfg: TrainConfig) -> dict:
+    """Train (or resume) as ``cfg`` says; returns a summary dict (``step``, ``loss``, ``stopped_by``...).
+
+    Raises TrainConfigError / DataError for bad keys or data, TrainingDiverged on a NaN or inf loss.
+    """
+    from tqdm import tqdm
+
+    # ---- mesh and batch sizes
+    try:
+        mesh = sh.make_mesh(**mesh_sizes(cfg))
+    except ValueError as e:
+        raise TrainConfigError(f"key 'mesh' / 'cores_per_replica': {e}") from None
+    n_replicas = int(mesh.shape["dp"]) * int(mesh.shape["fsdp"])
+    micro = cfg.per_replica_batch * n_replicas  # global rows per micro-batch
+    k = cfg.gradient_accumulation_steps
+    if micro % jax.process_count():
+        raise TrainConfigError(f"global micro-batch {micro} does not split over {jax.process_count()} processes")
+
+    # ---- data
+    train_records = data_lib.TokenRecords(cfg.train_set, key="train_set")
+    data_lib.check_records(train_records, cfg.seq, "train_set")
+    val_records = {}
+    for name, directory in cfg.val_set.items():
+        val_records[name] = data_lib.TokenRecords(directory, key=f"val_set.{name}")
+        data_lib.check_records(val_records[name], cfg.seq, f"val_set.{name}")
+        if len(val_records[name]) < micro:
+            raise data_lib.DataError(
+                f"val_set.{name} ({directory}) has {len(val_records[name])} records, fewer than one batch of {micro}"
+            )
+
+    # ---- model shape, checkpoint manager
+    model_dir = os.path.abspath(cfg.model_dir)
+    os.makedirs(model_dir, exist_ok=True)
+    mngr = _manager(model_dir, cfg)
+    latest = mngr.latest_step()
+    saved_config = os.path.join(model_dir, "config.json")
+    if latest is not None and os.path.isfile(saved_config):
+        model_cfg = model_config_for(cfg, GPTJConfig.from_pretrained(saved_config))
+    elif cfg.model:
+        model_cfg = model_config_for(cfg, _checkpoint_config(cfg.model, cfg))
+    else:
+        model_cfg = model_config_for(cfg)
+    param_dtype = step_lib.DTYPES[cfg.param_dtype]
+    scfg = step_lib.StepConfig(model_cfg, cfg.dtype, cfg.remat, cfg.forward, cfg.z_loss, k)
+    optimizer = optimizer_for(cfg)
+    schedule = schedule_for(cfg)
+    try:
+        shardings = step_lib.state_shardings(scfg, mesh, optimizer, param_dtype)
+    except ValueError as e:
+        raise TrainConfigError(f"mesh {sh.describe_mesh(mesh)} does not fit the model: {e}") from None
+
+    loader = data_lib.train_loader(train_records, k * micro // jax.process_count(), cfg.seed, cfg.shuffle,
+                                   cfg.data_workers)
+    iterator = iter(loader)
+
+    # ---- state: restored, loaded or random
+    meta: dict = {}
+    if latest is not None:
+        abstract = step_lib.abstract_state(scfg, mesh, optimizer, param_dtype)
+        state, meta = _restore(mngr, latest, abstract, iterator)
+        source = f"resumed from {model_dir}/{latest}"
+    else:
+        if cfg.model:
+            loaded_cfg, params = load_params(
+                cfg.model, model_cfg, lambda c: sh.param_shardings(c, mesh, "causal_lm"), param_dtype
+            )
+            model_config_for(cfg, loaded_cfg)
+            source = f"loaded {cfg.model}"
+        else:
+            params = sh.init_sharded_params(model_cfg, mesh, jax.random.PRNGKey(cfg.seed), "causal_lm", param_dtype)
+            source = f"random init (seed {cfg.seed})"
+        state = step_lib.init_state(params, optimizer, cfg.seed, shardings)
+        if jax.process_index() == 0:
+            model_cfg.save_pretrained(model_dir, architectures=["GPTJForCausalLM"], torch_dtype=cfg.param_dtype)
+    start = int(jax.device_get(state["step"]))
+    tokens_seen = int(meta.get("tokens_seen", 0))
+
+    train_step = step_lib.make_train_step(scfg, mesh, optimizer, schedule, shardings)
+    eval_step = step_lib.make_eval_step(scfg, mesh, shardings["params"])
+    batch_sharding = step_lib.batch_spec_sharding(mesh)
+    eval_sharding = sh.logical_sharding(mesh, ("batch", "length"))
+    tokens_per_step = k * micro * cfg.seq
+    flops_per_step = step_lib.model_flops_per_token(model_cfg, cfg.seq) * tokens_per_step
+    peak = cfg.peak_flops or measure_peak_flops(step_lib.DTYPES[cfg.dtype])
+    peak_total = peak * jax.device_count()
+
+    logger = _Logger(model_dir, start, cfg.tensorboard)
+    main = jax.process_index() == 0
+    if main:
+        print(
+            f"[{cfg.name}] {source}; model n_layer={model_cfg.n_layer} n_embd={model_cfg.n_embd} "
+            f"({model_cfg.num_params() / 1e6:.1f}M params); mesh {sh.describe_mesh(mesh)}; batch {k} x {micro} x "
+            f"{cfg.seq} tokens; steps {start} -> {cfg.total_steps}; peak {peak / 1e12:.3f} TFLOP/s per device",
+            flush=True,
+        )
+
+    def save(step: int, force: bool = False) -> None:
+        meta = {"step": step, "tokens_seen": tokens_seen, "train_config": cfg.to_dict(), "mesh": sh.describe_mesh(mesh),
+                "time": time.time()}
+        _save(mngr, state, iterator, meta, force=force)
+
+    def run_eval(step: int) -> dict:
+        row: dict = {"step": step}
+        for name, records in val_records.items():
+            r = evaluate(state["params"], eval_step, records, micro, cfg.val_batches, eval_sharding)
+            row[f"val_{name}_loss"] = r["loss"]
+            row[f"val_{name}_ppl"] = r["ppl"]
+        if len(row) > 1:
+            logger.write(row)
+            if main:
+                shown = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k.endswith("_loss"))
+                tqdm.write(f"step {step}: {shown}")
+        return row
+
+    summary: dict = {"start_step": start, "stopped_by": None, "step": start, "loss": None}
+    bar = tqdm(total=cfg.total_steps, initial=start, desc=cfg.name, disable=not (cfg.progress and main),
+               dynamic_ncols=True)
+    try:
+        with _Stopper() as stopper:
+            step = start
+            while step < cfg.total_steps:
+                t0 = time.perf_counter()
+                local = next(iterator)  # [k * micro / processes, seq + 1] uint16
+                local = local.reshape(k, -1, local.shape[-1])
+                batch = jax.make_array_from_process_local_data(batch_sharding, local)
+                state, metrics = train_step(state, batch)
+                metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
+                dt = time.perf_counter() - t0
+                step += 1
+                tokens_seen += tokens_per_step
+                loss = metrics["loss"]
+                if not math.isfinite(loss) or not math.isfinite(metrics["grad_norm"]):
+                    mngr.wait_until_finished()
+                    good = mngr.latest_step()
+                    where = f"the last good checkpoint is step {good} in {model_dir}" if good is not None else "no checkpoint was saved"
+                    raise TrainingDiverged(
+                        f"loss is {loss} (grad norm {metrics['grad_norm']}) at step {step}; stopping without saving; {where}"
+                    )
+                summary.update(step=step, loss=loss)
+                if step % cfg.log_every == 0 or step == cfg.total_steps:
+                    mfu = flops_per_step / dt / peak_total
+                    row = {"step": step, **metrics, "tokens_per_s": tokens_per_step / dt, "step_time": dt,
+                           "mfu": mfu, "tokens_seen": tokens_seen}
+                    if step == start + 1:
+                        row["compile_step"] = True  # includes compilation: not a speed sample
+                    logger.write(row)
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{metrics['lr']:.2e}",
+                                    tok_s=f"{tokens_per_step / dt:.0f}", mfu=f"{mfu:.1%}", refresh=False)
+                bar.update(1)
+                if step % cfg.val_every == 0 and val_records:
+                    run_eval(step)
+                if stopper.signal is not None:
+                    save(step, force=True)
+                    summary["stopped_by"] = stopper.signal
+                    if main:
+                        tqdm.write(f"{stopper.signal}: saved step {step} to {model_dir}; exiting")
+                    break
+                if step % cfg.ckpt_every == 0 or step == cfg.total_steps:
+                    save(step, force=True)
+            if step == cfg.total_steps and step not in mngr.all_steps() and summary["stopped_by"] is None:
+                save(step, force=True)
+    finally:
+        bar.close()
+        mngr.wait_until_finished()
+        mngr.close()
+        logger.close()
+    summary["final_params"] = state["params"]
+    summary["model_config"] = model_cfg
+    summary["mesh"] = mesh
+    summary["latest_checkpoint"] = step
+    return summary

@@ -1,0 +1,269 @@
+"""The jitted train and eval steps.
+
+Training state is a plain dict (a pytree)::
+
+    {"step": int32 [],              optimizer steps taken
+     "params": params pytree,       param_dtype (float32) master weights
+     "opt_state": optax state,      same dtype, sharded like the params
+     "rng": uint32 [2]}             dropout key, split once per step
+
+A batch is ``[k, b, seq + 1]`` tokens (k = gradient_accumulation_steps micro-batches of b rows, b the
+global micro-batch). Each record predicts ``seq`` tokens: inputs ``rec[:, :-1]``, targets ``rec[:, 1:]``.
+The micro-batch gradients are summed in float32 by a ``lax.scan`` and the optimizer (``optimizer.py``,
+mtj's chain) divides by k.
+
+Loss per token: cross entropy in float32, plus mtj's optional z-loss ``z * log(sum(exp(l - max(l))))^2``.
+Two forwards: ``gspmd`` (the linen model under jit; XLA places the collectives from the param and batch
+shardings) and ``shard_map`` (``tp.py``'s explicit Megatron forward; logits stay split over the vocabulary
+on ``mp`` and the loss is vocab-parallel: one ``pmax`` and one ``psum`` over ``mp``, never gathering V).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gptj_jax import sharding as sh
+from gptj_jax.config import GPTJConfig
+from gptj_jax.model import model_for
+
+Array = jax.Array
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the step functions (hashable)."""
+
+    model: GPTJConfig
+    dtype: str = "float32"  # compute dtype
+    remat: str = "none"
+    forward: str = "gspmd"  # or "shard_map"
+    z_loss: float = 0.0
+    grad_accum: int = 1
+
+    @property
+    def deterministic(self) -> bool:
+        m = self.model
+        return m.resid_pdrop == 0 and m.embd_pdrop == 0 and m.attn_pdrop == 0
+
+
+# ---------------------------------------------------------------------------------------- losses
+def token_losses(logits: Array, targets: Array, z_loss: float = 0.0) -> tuple[Array, Array]:
+    """Per-token cross entropy and z-loss term. logits ``[b, T, V]`` (any float), targets ``[b, T]`` int.
+
+    Returns ``(ce [b, T], z [b, T])`` float32; ``z = z_loss * log(sum(exp(logits - max)))^2`` (mtj).
+    """
+    logits = logits.astype(jnp.float32)
+    m = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [b, T, 1]
+    shifted = logits - m
+    log_z = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))  # [b, T]
+    target = jnp.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]  # [b, T]
+    return log_z - target, z_loss * jnp.square(log_z)
+
+
+def _vocab_parallel_losses(logits: Array, targets: Array, tp: tuple[str, ...], z_loss: float) -> tuple[Array, Array]:
+    """:func:`token_losses` inside ``shard_map`` with logits ``[b, T, V/mp]`` split over ``tp`` axes.
+
+    One ``pmax`` of the row max, one ``psum`` of (sum of exp, target logit); V is never gathered.
+    """
+    rows = logits.shape[-1]
+    m = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [b, T, 1]
+    if tp:
+        m = lax.pmax(m, tp)
+    shifted = logits - m
+    first = lax.axis_index(tp) * rows if tp else 0
+    local = targets - first
+    hit = (local >= 0) & (local < rows)
+    target = jnp.take_along_axis(shifted, jnp.clip(local, 0, rows - 1)[..., None], axis=-1)[..., 0]
+    sums = jnp.stack([jnp.sum(jnp.exp(shifted), axis=-1), jnp.where(hit, target, 0.0)])  # [2, b, T]
+    if tp:
+        sums = lax.psum(sums, tp)
+    log_z = jnp.log(sums[0])
+    return log_z - sums[1], z_loss * jnp.square(log_z)
+
+
+def make_loss_fn(cfg: StepConfig, mesh: Mesh) -> Callable[[Any, Array, Array], tuple[Array, dict]]:
+    """``loss(params, tokens [b, seq+1] int32, rng) -> (mean ce + mean z, {"ce", "z"})`` for one micro-batch."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.forward == "gspmd":
+        module = model_for(cfg.model, "causal_lm", dtype=dtype, remat_policy=cfg.remat)
+
+        def loss(params, tokens, rng):
+            inputs, targets = tokens[:, :-1], tokens[:, 1:]
+            rngs = None if cfg.deterministic else {"dropout": rng}
+            logits = module.apply({"params": params}, inputs, deterministic=cfg.deterministic, rngs=rngs).logits
+            ce, z = token_losses(logits, targets, cfg.z_loss)
+            return jnp.mean(ce) + jnp.mean(z), {"ce": jnp.mean(ce), "z": jnp.mean(z)}
+
+        return loss
+
+    from gptj_jax import tp as tpmod
+    from gptj_jax.model import logical_axes
+
+    if not cfg.deterministic:
+        raise ValueError("forward=shard_map has no dropout: set resid_pdrop, embd_pdrop and attn_pdrop to 0 or use forward=gspmd")
+    if cfg.remat != "none":
+        raise ValueError(f"forward=shard_map does not rematerialise (remat={cfg.remat!r}): use remat=none or forward=gspmd")
+    layout = tpmod.layout_of(mesh)
+    logical = logical_axes(cfg.model, "causal_lm")
+    specs, batch_spec, _ = tpmod._specs(cfg.model, mesh, sh.DEFAULT_RULES)
+
+    def local(params, inputs, targets):  # per device: inputs / targets [b_local, T]
+        ones = jnp.ones(inputs.shape, jnp.int32)
+        pos = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
+        logits = tpmod._local_logits(cfg.model, params, logical, specs, inputs, ones, pos, layout, dtype)
+        ce, z = _vocab_parallel_losses(logits, targets, layout.tp, cfg.z_loss)
+        n = jnp.float32(ce.size)
+        sums = jnp.stack([jnp.sum(ce), jnp.sum(z), n])
+        if layout.batch:
+            sums = lax.psum(sums, layout.batch)
+        return sums
+
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(specs, batch_spec, batch_spec), out_specs=P())
+
+    def loss(params, tokens, rng):
+        sums = mapped(params, tokens[:, :-1], tokens[:, 1:])
+        ce, z = sums[0] / sums[2], sums[1] / sums[2]
+        return ce + z, {"ce": ce, "z": z}
+
+    return loss
+
+
+# ---------------------------------------------------------------------------------------- shardings
+def batch_spec_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a ``[k, b, seq + 1]`` train batch: rows over the batch axes."""
+    return sh.logical_sharding(mesh, (None, "batch", "length"))
+
+
+def state_shardings(cfg: StepConfig, mesh: Mesh, optimizer: optax.GradientTransformation, param_dtype: Any) -> dict:
+    """NamedSharding pytree of the train state on ``mesh`` (params by the rules, optimizer state like its params)."""
+    params_sh = sh.param_shardings(cfg.model, mesh, "causal_lm")
+    abstract = jax.eval_shape(
+        lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, param_dtype), _param_shapes(cfg.model))
+    )
+    opt_sh = sh.opt_state_shardings(optimizer, abstract, params_sh)
+    replicated = NamedSharding(mesh, P())
+    return {"step": replicated, "params": params_sh, "opt_state": opt_sh, "rng": replicated}
+
+
+@functools.lru_cache(maxsize=8)
+def _param_shapes(config: GPTJConfig) -> Any:
+    from gptj_jax.model import init_params
+
+    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+
+
+def abstract_state(cfg: StepConfig, mesh: Mesh, optimizer: optax.GradientTransformation, param_dtype: Any) -> dict:
+    """``ShapeDtypeStruct`` pytree (with shardings) of the train state: the restore target."""
+    shardings = state_shardings(cfg, mesh, optimizer, param_dtype)
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype), _param_shapes(cfg.model))
+    opt = jax.eval_shape(optimizer.init, params)
+    tree = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "params": params,
+        "opt_state": opt,
+        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+    }
+    return jax.tree.map(lambda s, shd: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shd), tree, shardings)
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int, shardings: dict) -> dict:
+    """A fresh train state from (sharded) params: optimizer state created in its shards, step 0."""
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params)
+    rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(seed), 1), shardings["rng"])
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
+    return {"step": step, "params": params, "opt_state": opt_state, "rng": rng}
+
+
+# ---------------------------------------------------------------------------------------- steps
+def make_train_step(
+    cfg: StepConfig,
+    mesh: Mesh,
+    optimizer: optax.GradientTransformation,
+    lr_schedule: Optional[optax.Schedule],
+    shardings: dict,
+) -> Callable[[dict, Array], tuple[dict, dict]]:
+    """Jitted ``train_step(state, batch [k, b, seq+1]) -> (state, metrics)``; donates the old state.
+
+    metrics (float32 scalars): ``loss`` (mean cross entropy, the number to watch), ``z_loss``, ``grad_norm``
+    (global norm of the mean gradient, before clipping), ``lr`` (the rate this update used).
+    """
+    loss_fn = make_loss_fn(cfg, mesh)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: dict, batch: Array) -> tuple[dict, dict]:
+        params = state["params"]
+        rng, step_rng = jax.random.split(state["rng"])
+        tokens = batch.astype(jnp.int32)  # [k, b, seq+1]
+
+        def micro(carry, xs):
+            grads, ce, z = carry
+            toks, i = xs
+            (_, aux), g = grad_fn(params, toks, jax.random.fold_in(step_rng, i))
+            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+            return (grads, ce + aux["ce"], z + aux["z"]), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        init = (zeros, jnp.float32(0), jnp.float32(0))
+        k = tokens.shape[0]
+        if k == 1:
+            (grads, ce, z), _ = micro(init, (tokens[0], 0))
+        else:
+            (grads, ce, z), _ = lax.scan(micro, init, (tokens, jnp.arange(k)))
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        metrics = {
+            "loss": ce / k,
+            "z_loss": z / k,
+            "grad_norm": optax.global_norm(grads) / k,
+            "lr": lr_schedule(state["step"]) if lr_schedule is not None else jnp.float32(0),
+        }
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": rng}
+        return new_state, metrics
+
+    return jax.jit(
+        step,
+        in_shardings=(shardings, batch_spec_sharding(mesh)),
+        out_shardings=(shardings, NamedSharding(mesh, P())),
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(cfg: StepConfig, mesh: Mesh, params_shardings: Any) -> Callable[[Any, Array], Array]:
+    """Jitted ``eval_step(params, batch [b, seq+1]) -> [2]`` float32 (sum of token cross entropies, token count)."""
+    cfg = dataclasses.replace(cfg, z_loss=0.0, remat="none")
+    if not cfg.deterministic:
+        cfg = dataclasses.replace(cfg, model=cfg.model.replace(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    loss_fn = make_loss_fn(cfg, mesh)
+
+    def step(params, batch):
+        tokens = batch.astype(jnp.int32)
+        _, aux = loss_fn(params, tokens, jax.random.PRNGKey(0))
+        n = jnp.float32(tokens.shape[0] * (tokens.shape[1] - 1))
+        return jnp.stack([aux["ce"] * n, n])
+
+    return jax.jit(
+        step,
+        in_shardings=(params_shardings, sh.logical_sharding(mesh, ("batch", "length"))),
+        out_shardings=NamedSharding(mesh, P()),
+    )
+
+
+def model_flops_per_token(config: GPTJConfig, seq: int) -> float:
+    """Training FLOPs per token (forward + backward, no remat): ``6 * N + 12 * n_layer * n_embd * seq``.
+
+    N counts every matmul weight (the embedding lookup is not a matmul and is left out; lm_head is in);
+    the second term is attention's two ``[T, T]`` matmuls (PaLM's accounting, causal mask not discounted).
+    """
+    n = config.num_params("causal_lm") - config.vocab_size * config.n_embd
+    return 6.0 * n + 12.0 * config.n_layer * config.n_embd * seq
