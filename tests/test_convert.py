@@ -17,57 +17,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, hf_model, left_padded_batch
+from conftest import hf_model
+from convert_helpers import BATCH, CONFIG, QUIET, TORCH_DTYPES, assert_dirs_identical, hf_logits, same_bits
 
 from gptj_jax.convert import CheckpointError, convert, detect_format, mtj, restore_flax, table
 from gptj_jax.convert import cli as convert_cli
 from gptj_jax.convert.io import CheckpointReader
-
-# vocab and heads that split over 8 shards, so the same model serves the mtj tests.
-CONFIG = TINY.replace(vocab_size=128, n_head=8, pad_token_id=0)
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUIET = dict(verbose=False, tokenizer=False)
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(
-        np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8)
-    )
-
-
-def assert_dirs_identical(src: str, dst: str) -> None:
-    """Every tensor of two HF directories is the same, bit for bit, dtype included."""
-    with CheckpointReader(src) as a, CheckpointReader(dst) as b:
-        names = [n for n in a.names if not table.is_ignored_hf(n)]
-        assert sorted(names) == sorted(b.names)
-        for name in names:
-            assert _same_bits(a.read(name), b.read(name)), name
-
-
-def hf_logits(path: str, cls: str = "GPTJForCausalLM"):
-    """Logits of a checkpoint directory loaded by transformers (eager attention, no missing keys)."""
-    import transformers
-
-    model, info = getattr(transformers, cls).from_pretrained(path, output_loading_info=True, attn_implementation="eager")
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info.get("mismatched_keys"), info
-    ids, mask, pos = BATCH
-    with torch.no_grad():
-        out = model.eval()(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
-    return out.start_logits if cls == "GPTJForQuestionAnswering" else out.logits
-
-
-def _batch():
-    ids, mask, pos = left_padded_batch(CONFIG.vocab_size, [6, 3], seed=5)
-    return np.where(mask == 1, ids % (CONFIG.vocab_size - 1) + 1, 0), mask, pos
-
-
-BATCH = _batch()
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +123,7 @@ def test_dtype_cast_and_tokenizer_files(sources, tmp_path, capsys):
     assert s.dtype == "bfloat16" and s.bytes == 2 * CONFIG.num_params("causal_lm")
     with CheckpointReader(tmp_path / "bf16") as r, CheckpointReader(sources[("float32", "safetensors")]) as src:
         for name in r.names:
-            assert _same_bits(r.read(name), src.read(name).astype(ml_dtypes.bfloat16)), name
+            assert same_bits(r.read(name), src.read(name).astype(ml_dtypes.bfloat16)), name
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "bf16"))
     assert tok("Hello world")["input_ids"] == [15496, 995]
     assert len(tok) == 50400
@@ -279,26 +234,27 @@ def test_dst_exists_without_overwrite(sources, tmp_path, capsys):
 
 
 def test_failure_midway_leaves_existing_dst_untouched(sources, tmp_path, capsys):
-    """A conversion failing after it began writing (a late mtj leaf of the wrong shape) keeps the old DST,
-    even with --overwrite: the new one replaces it only when complete."""
+    """A conversion failing after it began writing keeps the old DST, even with --overwrite: the new one
+    replaces it only when complete. The failure: a flipped byte in the data of a late mtj leaf, which only
+    the zip CRC check at read time can see (headers and shapes are fine)."""
     src = sources[("float32", "safetensors")]
     dst = tmp_path / "dst"
     shutil.copytree(sources[("bfloat16", "sharded")], dst)
     convert(src, tmp_path / "mtj", to="mtj", shards=2, **QUIET)
-    # the file holding the projection's LayerNorm offset (late in the leaf order): make it the wrong size
-    leaf = mtj.leaf_paths(CONFIG).index("causal_transformer_shard/~/projection_shard/~/replicated_layer_norm/offset")
+    leaf = mtj.leaf_paths(CONFIG).index("causal_transformer_shard/~/projection_shard/~/linear/w")
     starts = np.cumsum([0] + mtj.file_split(mtj.leaf_counts(CONFIG)[0]))
     file_index = int(np.searchsorted(starts, leaf, side="right") - 1)
     key = f"arr_{leaf - starts[file_index]}"
     victim = tmp_path / "mtj" / "step_0" / "shard_1" / f"{file_index}.npz"
     with np.load(victim) as z:
-        arrays = {k: z[k] for k in z.files}
-    assert arrays[key].shape == (CONFIG.n_embd,)
-    arrays[key] = np.zeros(CONFIG.n_embd + 1, arrays[key].dtype)
-    np.savez(victim, *[arrays[f"arr_{k}"] for k in range(len(arrays))])
+        data = z[key].tobytes()
+    raw = bytearray(victim.read_bytes())
+    at = raw.find(data) + len(data) // 2
+    raw[at] ^= 0xFF
+    victim.write_bytes(bytes(raw))
     _assert_fails_cleanly(
         [str(tmp_path / "mtj"), str(dst), "--to", "hf", "--overwrite", "--config", os.path.join(src, "config.json")],
-        dst, capsys, f"shard_1/{file_index}.npz: {key}", "projection_shard/~/replicated_layer_norm/offset", "(33,)", "(32,)",
+        dst, capsys, f"shard_1/{file_index}.npz: cannot read {key}", "projection_shard/~/linear/w", "CRC",
     )
     assert_dirs_identical(sources[("bfloat16", "sharded")], str(dst))
 

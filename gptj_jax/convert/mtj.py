@@ -213,6 +213,16 @@ def _as_stored(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from an open ``.npy`` stream, reading only its header."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    else:  # 2.0 (and 3.0, whose header reads the same way)
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    return tuple(shape), np.dtype(dtype)
+
+
 # ================================================================================ reader
 class MtjReader:
     """Streams HF tensors out of a mesh-transformer-jax checkpoint, leaf by leaf, never building the model.
@@ -267,6 +277,38 @@ class MtjReader:
         self._leaf_of = {leaf.hf_name: j for j, leaf in enumerate(self.leaves) if leaf.hf_name is not None}
         self._embed_bias_index = next(j for j, leaf in enumerate(self.leaves) if leaf.path == EMBED_BIAS)
         self._dtype: Optional[np.dtype] = None
+        self._check_headers()
+
+    def _check_headers(self) -> None:
+        """Shape-check every param leaf of every shard from the npy headers alone (no data read), so a
+        checkpoint that disagrees with the config fails before anything is written."""
+        dtypes = set()
+        for s in range(self.mp):
+            for i in range(FILES_PER_SHARD):
+                file = self._file(s, i)
+                first, last = max(self._starts[i], self.offset), min(self._starts[i + 1], self.offset + len(self.leaves))
+                if first >= last:
+                    continue
+                try:
+                    with zipfile.ZipFile(file) as z:
+                        headers = []
+                        for index in range(first, last):
+                            with z.open(f"arr_{index - self._starts[i]}.npy") as f:
+                                headers.append((index, *_npy_header(f)))
+                except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
+                    raise CheckpointError(f"{file}: cannot read npy headers ({type(e).__name__}: {e})") from None
+                for index, shape, dtype in headers:
+                    leaf = self.leaves[index - self.offset]
+                    if shape != leaf.shard_shape:
+                        raise CheckpointError(
+                            f"{file}: arr_{index - self._starts[i]} ({leaf.path} -> {leaf.hf_name or 'wte bias'}) has "
+                            f"shape {_fmt_shape(shape)} but the config with {self.mp} shards implies "
+                            f"{_fmt_shape(leaf.shard_shape)}"
+                        )
+                    dtypes.add(_as_stored(np.empty(0, dtype)).dtype)
+        if len(dtypes) != 1:
+            raise CheckpointError(f"{self.step_dir}: params stored in several dtypes {sorted(map(str, dtypes))}")
+        self._dtype = dtypes.pop()
 
     def _file(self, shard: int, i: int) -> str:
         return os.path.join(self.shard_dirs[shard], f"{i}.npz")
@@ -323,9 +365,8 @@ class MtjReader:
         return out
 
     def dtype(self, name: Optional[str] = None) -> np.dtype:
-        """The stored dtype of the params (one for the whole checkpoint)."""
-        if self._dtype is None:
-            self._dtype = self.read_leaf(0, self._leaf_of["transformer.ln_f.weight"]).dtype
+        """The stored dtype of the params (one for the whole checkpoint, from the npy headers)."""
+        assert self._dtype is not None
         return self._dtype
 
     def shape(self, name: str) -> tuple[int, ...]:
