@@ -356,3 +356,30 @@ def eval_batches(records: TokenRecords, global_batch: int, max_batches: Optional
     for b in range(n_batches):
         start = b * global_batch + process_index * local
         yield records.rows(start, start + local)
+
+
+def write_records(output: str, records: np.ndarray, num_bytes: int = 0) -> dict:
+    """Write already-tokenized ``[n, seq + 1]`` records as a prepared directory (synthetic data, tests).
+
+    Same format as :func:`prepare`; ``num_bytes`` is the text size they stand for (0: unknown).
+    """
+    records = np.asarray(records)
+    if records.ndim != 2 or records.shape[0] == 0 or records.shape[1] < 2:
+        raise DataError(f"records must be [n >= 1, seq + 1 >= 2], got shape {records.shape}")
+    if records.min() < 0 or records.max() > np.iinfo(np.uint16).max:
+        raise DataError("token ids must fit in uint16")
+    os.makedirs(output, exist_ok=True)
+    name = "tokens-00000.bin"
+    with open(os.path.join(output, name), "wb") as f:
+        f.write(records.astype("<u2").tobytes())
+    n, record_len = records.shape
+    index = {
+        "format": FORMAT, "version": 1, "seq": record_len - 1, "record_len": record_len, "dtype": "uint16",
+        "shards": [{"file": name, "records": n}], "num_records": n, "num_tokens": n * record_len,
+        "num_documents": 0, "num_bytes": int(num_bytes), "dropped_tokens": 0, "eos_token_id": EOS_TOKEN_ID,
+        "sources": [],
+    }
+    with open(os.path.join(output, INDEX), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+        f.write("\n")
+    return index
