@@ -48,6 +48,10 @@ COMMANDS["prepare"] = Command("tokenize text into packed training records", _tra
 COMMANDS["train"] = Command("train / fine-tune from a JSON or YAML config (resumes if checkpoints exist)", _train_cli.add_train_parser, _train_cli.run_train)
 COMMANDS["eval"] = Command("loss, perplexity and bits per byte of a checkpoint on prepared data", _train_cli.add_eval_parser, _train_cli.run_eval)
 
+from gptj_jax.convert import cli as _convert_cli  # noqa: E402
+
+COMMANDS["convert"] = Command(_convert_cli.HELP, _convert_cli.add_convert_arguments, _convert_cli.run_convert)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptj-jax", description="GPT-J-6B in JAX/Flax.")
