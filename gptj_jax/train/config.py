@@ -81,6 +81,7 @@ OUR_KEYS: tuple[tuple[str, Any, Any, str], ...] = (
     ("remat", str, "none", "rematerialisation per block: none, dots, dots_no_batch, full"),
     ("forward", str, "gspmd", "gspmd (jit with shardings) or shard_map (explicit tensor parallelism, "
      "vocab-parallel loss)"),
+    ("dropout", Optional[float], None, "sets resid_pdrop, embd_pdrop and attn_pdrop of the model (mtj: none)"),
     ("z_loss", float, 0.0, "coefficient of mtj's z-loss (mtj used 1e-4): z * log(sum(exp(logits - max)))^2"),
     ("seed", int, 0, "seed of the random init, the data order and dropout"),
     ("shuffle", bool, True, "shuffle training records (per epoch, from seed)"),
@@ -147,6 +148,7 @@ class TrainConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     forward: str = "gspmd"
+    dropout: Optional[float] = None
     z_loss: float = 0.0
     seed: int = 0
     shuffle: bool = True
@@ -346,6 +348,8 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
                 f"{source}: key 'mesh' has mp={sizes['mp']} but cores_per_replica is {cfg.cores_per_replica}; "
                 "drop one of them or make them agree"
             )
+    if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
+        raise TrainConfigError(f"{source}: key 'dropout' must be in [0, 1), got {cfg.dropout}")
     if cfg.peak_flops is not None and cfg.peak_flops <= 0:
         raise TrainConfigError(f"{source}: key 'peak_flops' must be > 0, got {cfg.peak_flops}")
 
@@ -403,6 +407,8 @@ def model_config_for(cfg: TrainConfig, loaded: Optional[GPTJConfig] = None) -> G
             model_cfg = base.replace(**changes)
         except ValueError as e:
             raise TrainConfigError(f"model shape from the config keys: {e}") from None
+    if cfg.dropout is not None:
+        model_cfg = model_cfg.replace(resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout)
     if cfg.seq > model_cfg.n_positions:
         raise TrainConfigError(
             f"key 'seq' ({cfg.seq}) is larger than the model's n_positions ({model_cfg.n_positions}); "

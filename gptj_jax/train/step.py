@@ -225,7 +225,7 @@ def make_train_step(
         metrics = {
             "loss": ce / k,
             "z_loss": z / k,
-            "grad_norm": optax.global_norm(grads) / k,
+            "grad_norm": optax.tree.norm(grads) / k,
             "lr": lr_schedule(state["step"]) if lr_schedule is not None else jnp.float32(0),
         }
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": rng}
