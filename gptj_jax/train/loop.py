@@ -254,6 +254,16 @@ def train(cfg: TrainConfig) -> dict:
     if micro % jax.process_count():
         raise TrainConfigError(f"global micro-batch {micro} does not split over {jax.process_count()} processes")
 
+    # ---- model shape (a resumed run's own config.json, else the `model` checkpoint's, else the keys)
+    model_dir = os.path.abspath(cfg.model_dir)
+    saved_config = os.path.join(model_dir, "config.json")
+    if os.path.isfile(saved_config):
+        model_cfg = model_config_for(cfg, GPTJConfig.from_pretrained(saved_config))
+    elif cfg.model:
+        model_cfg = model_config_for(cfg, _checkpoint_config(cfg.model, cfg))
+    else:
+        model_cfg = model_config_for(cfg)
+
     # ---- data
     train_records = data_lib.TokenRecords(cfg.train_set, key="train_set")
     data_lib.check_records(train_records, cfg.seq, "train_set")
@@ -266,18 +276,10 @@ def train(cfg: TrainConfig) -> dict:
                 f"val_set.{name} ({directory}) has {len(val_records[name])} records, fewer than one batch of {micro}"
             )
 
-    # ---- model shape, checkpoint manager
-    model_dir = os.path.abspath(cfg.model_dir)
+    # ---- checkpoint manager
     os.makedirs(model_dir, exist_ok=True)
     mngr = _manager(model_dir, cfg)
     latest = mngr.latest_step()
-    saved_config = os.path.join(model_dir, "config.json")
-    if latest is not None and os.path.isfile(saved_config):
-        model_cfg = model_config_for(cfg, GPTJConfig.from_pretrained(saved_config))
-    elif cfg.model:
-        model_cfg = model_config_for(cfg, _checkpoint_config(cfg.model, cfg))
-    else:
-        model_cfg = model_config_for(cfg)
     param_dtype = step_lib.DTYPES[cfg.param_dtype]
     scfg = step_lib.StepConfig(model_cfg, cfg.dtype, cfg.remat, cfg.forward, cfg.z_loss, k)
     optimizer = optimizer_for(cfg)
