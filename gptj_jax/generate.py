@@ -42,7 +42,7 @@ from jax import lax
 from .cache import Cache, init_cache
 from .config import GPTJConfig
 from .model import GPTJForCausalLM
-from .sampling import SamplingParams, SamplingSpec, row_keys, sample
+from .sampling import SamplingParams, SamplingSpec, prompt_keys, row_keys, sample
 
 Array = jax.Array
 Params = Any
@@ -249,12 +249,13 @@ class GenerateOutput:
 
 @dataclasses.dataclass
 class StreamChunk:
-    """New tokens since the previous chunk. ``tokens [rows, n]`` (pad for rows that have ended),
-    ``start``: index (in new tokens) of the first column, ``done [rows]``; the final chunk carries
-    ``output`` (the :class:`GenerateOutput`), the others ``None``."""
+    """New tokens since the previous chunk: ``tokens [rows, n]`` (pad once a row has ended), ``start``
+    the index (among new tokens) of the first column, ``num_new_tokens [rows]`` the real new tokens of
+    each row so far, ``done [rows]``. The final chunk carries ``output`` (the :class:`GenerateOutput`)."""
 
     tokens: np.ndarray
     start: int
+    num_new_tokens: np.ndarray
     done: np.ndarray
     output: Optional[GenerateOutput] = None
 
@@ -357,7 +358,7 @@ def generate(
     pad_token_id: Optional[int] = None,
     stop_strings: Union[None, str, Sequence[str]] = None,
     num_return_sequences: int = 1,
-    seed: int = 0,
+    seed: Union[int, Sequence[int]] = 0,
     return_logprobs: bool = False,
     mesh: Any = None,
     streamer: Optional[Callable[[StreamChunk], Any]] = None,
@@ -381,7 +382,9 @@ def generate(
       stop_strings: a row also ends when its generated text contains one of these (needs ``tokenizer``);
         the token that completes the string is kept, later ones become pad.
       num_return_sequences: rows per prompt (row ``b * R + r``), each with its own PRNG key.
-      seed: row ``i`` draws from ``fold_in(PRNGKey(seed), i)``; results do not depend on batch bucketing.
+      seed: an int: output row ``i`` draws from ``fold_in(PRNGKey(seed), i)``; or one seed per prompt: row
+        ``b * R + r`` draws from ``fold_in(PRNGKey(seed[b]), r)`` (a prompt's result then does not depend on
+        the batch it is in). Either way, bucketing does not change results.
       return_logprobs: also return each chosen token's log-probability under the processed distribution.
       mesh: a ``jax.sharding.Mesh`` (``dp``, ``fsdp``, ``mp``): params and cache are sharded with
         ``gptj_jax.sharding``'s rules and the batch over ``dp x fsdp``.
@@ -428,7 +431,7 @@ def iter_generate(
     pad_token_id: Optional[int] = None,
     stop_strings: Union[None, str, Sequence[str]] = None,
     num_return_sequences: int = 1,
-    seed: int = 0,
+    seed: Union[int, Sequence[int]] = 0,
     return_logprobs: bool = False,
     mesh: Any = None,
     tokenizer: Any = None,
@@ -448,7 +451,10 @@ def iter_generate(
     if min_new > max_new:
         raise GenerationError(f"min_new_tokens ({min_new}) must be <= max_new_tokens ({max_new})")
     repeats = _check_int("num_return_sequences", num_return_sequences, 1)
-    seed = _check_int("seed", seed, 0)
+    if isinstance(seed, (list, tuple, np.ndarray)):
+        seed = [_check_int(f"seed[{i}]", s, 0) for i, s in enumerate(seed)]
+    else:
+        seed = _check_int("seed", seed, 0)
     if stream_interval is not None:
         stream_interval = _check_int("stream_interval", stream_interval, 1)
     sampling = SamplingParams(
@@ -457,6 +463,8 @@ def iter_generate(
     )
     ids, mask = _as_batch(input_ids, attention_mask, config.vocab_size)
     B, P_in = ids.shape
+    if isinstance(seed, list) and len(seed) != B:
+        raise GenerationError(f"seed has {len(seed)} values but there are {B} prompts (pass one int or one per prompt)")
     lengths = mask.sum(axis=1)  # [B] real tokens per row
     longest = int(lengths.max())
     if longest + max_new > config.n_positions:
@@ -521,7 +529,10 @@ def _iterate(config, params, ids, mask, lengths, P_in, max_new, min_new, samplin
         mask_b[b, P_b - len(real):] = 1
     rows = B_b * repeats
     live = np.arange(rows) < B * repeats
-    keys = row_keys(seed, rows)  # row i of the output draws from fold_in(key(seed), i)
+    if isinstance(seed, list):
+        keys = prompt_keys(seed, repeats, rows)  # row b*R + r: fold_in(key(seed[b]), r)
+    else:
+        keys = row_keys(seed, rows)  # row i: fold_in(key(seed), i)
     spec = sampling.spec(min_new_tokens=min_new > 0 and bool(eos), suppress=suppress)
     knobs = sampling.knobs()
     eos_arr = np.full((MAX_EOS_IDS,), -1, np.int32)
@@ -584,7 +595,9 @@ def _iterate(config, params, ids, mask, lengths, P_in, max_new, min_new, samplin
                 logprobs = np.where(cols < n_new_eff[:out_rows, None], logprobs, 0.0).astype(np.float32)
             output = _assemble(ids, mask, P_in, tokens[:out_rows, :max_new], n_new_eff[:out_rows],
                                stop_cut[:out_rows], eos, pad_id, repeats, logprobs)
-        yield StreamChunk(tokens[:out_rows, emitted:step], emitted, done[:out_rows].copy(), output)
+        yield StreamChunk(
+            tokens[:out_rows, emitted:step], emitted, n_new_eff[:out_rows].copy(), done[:out_rows].copy(), output
+        )
         emitted = step
         if finished:
             return

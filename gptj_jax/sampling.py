@@ -19,6 +19,7 @@ between calls does not recompile. What does change the compiled program is *whic
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -31,7 +32,11 @@ NEG_INF = float("-inf")
 
 
 class SamplingError(ValueError):
-    """A sampling option is out of range; the message names the option and the value."""
+    """A sampling option is out of range; the message names the option and the value (``option`` holds its name)."""
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option
 
 
 # ---------------------------------------------------------------------------------------- processors
@@ -156,21 +161,21 @@ class SamplingParams:
     def __post_init__(self) -> None:
         t = self.temperature
         if not isinstance(t, (int, float)) or isinstance(t, bool) or t != t or t < 0:
-            raise SamplingError(f"temperature must be a number >= 0, got {t!r}")
+            raise SamplingError(f"temperature must be a number >= 0, got {t!r}", "temperature")
         if self.do_sample and t == 0:
-            raise SamplingError("temperature=0 with do_sample=True: use greedy decoding (do_sample=False) instead")
+            raise SamplingError("temperature 0 with sampling: use greedy decoding instead", "temperature")
         k = self.top_k
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise SamplingError(f"top_k must be an integer >= 0 (0 turns it off), got {k!r}")
+            raise SamplingError(f"top_k must be an integer >= 0 (0 turns it off), got {k!r}", "top_k")
         p = self.top_p
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 < p <= 1.0:
-            raise SamplingError(f"top_p must be in (0, 1], got {p!r}")
+            raise SamplingError(f"top_p must be in (0, 1], got {p!r}", "top_p")
         m = self.min_p
         if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0.0 <= m <= 1.0:
-            raise SamplingError(f"min_p must be in [0, 1], got {m!r}")
+            raise SamplingError(f"min_p must be in [0, 1], got {m!r}", "min_p")
         r = self.repetition_penalty
         if not isinstance(r, (int, float)) or isinstance(r, bool) or not r > 0:
-            raise SamplingError(f"repetition_penalty must be > 0, got {r!r}")
+            raise SamplingError(f"repetition_penalty must be > 0, got {r!r}", "repetition_penalty")
 
     def spec(self, *, min_new_tokens: bool = False, suppress: bool = False) -> SamplingSpec:
         """Which processors are on (static)."""
@@ -241,6 +246,16 @@ def row_keys(seed: int, rows: int) -> Array:
     Returns raw key data ``[rows, 2]`` uint32."""
     base = jax.random.PRNGKey(seed)
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(rows, dtype=jnp.uint32))
+
+
+def prompt_keys(seeds: Sequence[int], repeats: int, rows: int) -> Array:
+    """Per-prompt seeds: row ``b * repeats + r`` gets ``fold_in(key(seeds[b]), r)``; rows past
+    ``len(seeds) * repeats`` (batch padding) get key 0. Returns ``[rows, 2]`` uint32."""
+    per_prompt = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds, jnp.uint32))  # [B, 2]
+    keys = jax.vmap(lambda k: jax.vmap(lambda r: jax.random.fold_in(k, r))(jnp.arange(repeats, dtype=jnp.uint32)))(
+        per_prompt
+    ).reshape(-1, 2)  # [B * repeats, 2]
+    return jnp.concatenate([keys, jnp.zeros((rows - keys.shape[0], 2), keys.dtype)], axis=0)
 
 
 def sample(
