@@ -51,6 +51,7 @@ COMMANDS["eval"] = Command("loss, perplexity and bits per byte of a checkpoint o
 from gptj_jax.convert import cli as _convert_cli  # noqa: E402
 
 COMMANDS["convert"] = Command(_convert_cli.HELP, _convert_cli.add_convert_arguments, _convert_cli.run_convert)
+from gptj_jax import generate_cli as _generate_cli; COMMANDS["generate"] = Command(_generate_cli.HELP, _generate_cli.add_generate_arguments, _generate_cli.run_generate)  # noqa: E402, E702, I001
 
 
 def build_parser() -> argparse.ArgumentParser:
