@@ -87,6 +87,15 @@ def test_table_both_directions_agree():
         table.hf_to_ours("transformer.h.0.attn.c_attn.weight")
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (17, 4099), (4100, 33), (64, 64)])
+def test_transpose_copy(shape):
+    a = np.random.RandomState(0).randn(*shape).astype(ml_dtypes.bfloat16)
+    t = table.transpose_copy(a)
+    assert t.flags.c_contiguous and t.dtype == a.dtype
+    assert np.array_equal(t, a.T)
+    assert np.array_equal(table.transpose_copy(a, rows=2, cols=3), a.T)
+
+
 def test_expected_shapes_match_transformers(hf_models):
     for head, model in hf_models.items():
         theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -86,7 +86,7 @@ def read_param(
         if transform == table.TRANSPOSE:
             index = tuple(reversed(index + (slice(None),) * (2 - len(index))))
         array = reader.read_slice(name, index)
-    array = table.apply_transform(array, transform)
+    array = table.apply_transform(array, transform, contiguous=True)
     np_dtype = as_dtype(dtype)
     return array.astype(np_dtype) if np_dtype is not None and array.dtype != np_dtype else array
 
@@ -116,7 +116,7 @@ def from_pretrained(
         flat: dict[str, Any] = {}
         for name in names:
             our_path, transform = table.hf_to_ours(name)
-            array = table.apply_transform(reader.read(name), transform)
+            array = table.apply_transform(reader.read(name), transform, contiguous=True)
             if np_dtype is not None and array.dtype != np_dtype:
                 array = array.astype(np_dtype)
             flat[our_path] = jax.device_put(np.ascontiguousarray(array))
@@ -210,7 +210,7 @@ def save_pretrained(
         try:
             for name, _, _ in plan:
                 p, transform = table.hf_to_ours(name)
-                writer.write(name, table.apply_transform(np.asarray(flat[p]), transform))
+                writer.write(name, table.apply_transform(np.asarray(flat[p]), transform, contiguous=True))
             writer.close()
         except BaseException:
             writer.abort()

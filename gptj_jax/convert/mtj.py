@@ -377,7 +377,7 @@ class MtjReader:
         if name not in self._leaf_of:
             raise CheckpointError(f"{self.step_dir}: no tensor {name!r} in a mesh-transformer-jax checkpoint")
         leaf = self.leaves[self._leaf_of[name]]
-        array = table.apply_transform(self._join(self._leaf_of[name]), leaf.transform)
+        array = table.apply_transform(self._join(self._leaf_of[name]), leaf.transform, contiguous=True)
         if name == "transformer.wte.weight":
             bias = self._join(self._embed_bias_index)
             if np.any(bias):
@@ -404,7 +404,7 @@ class MtjReader:
 # ================================================================================ writer
 def _split(array: np.ndarray, leaf: Leaf, mp: int, dtype: np.dtype) -> list[np.ndarray]:
     """HF-layout tensor -> the mp per-shard arrays of ``leaf`` (inverse of the reader's join)."""
-    array = table.apply_transform(array, leaf.transform)  # -> mtj [in, out] layout
+    array = table.apply_transform(np.asarray(array), leaf.transform, contiguous=True)  # -> mtj [in, out] layout
     if leaf.join in ("first", "fold"):
         one = np.ascontiguousarray(array, dtype=dtype)
         return [one] * mp

@@ -148,12 +148,12 @@ class FlaxSource(Source):
 
     def read(self, name: str) -> np.ndarray:
         p = self._path_of[name]
-        return table.apply_transform(self.reader.read([p])[p], table.ours_to_hf(p)[1])
+        return table.apply_transform(self.reader.read([p])[p], table.ours_to_hf(p)[1], contiguous=True)
 
     def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         for p, array in self.reader.iter_leaves():
             name, transform = table.ours_to_hf(p)
-            yield name, table.apply_transform(array, transform)
+            yield name, table.apply_transform(array, transform, contiguous=True)
 
 
 class MtjSource(Source):
@@ -280,7 +280,7 @@ def _write_flax(tmp: str, source: Source, dtype: Optional[np.dtype], progress: _
     flat = {}
     for name, array in source.iter_tensors():
         path, transform = table.hf_to_ours(name)
-        array = np.ascontiguousarray(_cast(table.apply_transform(array, transform), dtype))
+        array = table.apply_transform(_cast(array, dtype), transform, contiguous=True)
         flat[path] = jax.device_put(array)
         progress.update(name, array)
         del array
