@@ -1,27 +1,26 @@
 """Load a checkpoint straight into sharded arrays: each process reads only the slices its devices hold.
 
 ``load_hf_sharded(dir, mesh)`` walks the HF mapping table (:mod:`gptj_jax.convert.table`, through
-:func:`gptj_jax.convert.hf.read_param`) and builds every parameter with
-``jax.make_array_from_callback``: the callback runs once per *addressable* device and reads that
-device's block from the safetensors file (the ``[:, cols]`` block of a column-parallel kernel is a
-row range of the HF ``[out, in]`` tensor, read without touching the rest). With ``mp=8`` a host
-holds at most 1/8 of any split weight at a time, so a host with less RAM than the model can load
-it, and on a multi-host mesh each process reads only its own devices' slices. Blocks that several
-local devices share (replicated LayerNorm, ``dp`` copies) are read once per tensor.
+:func:`gptj_jax.convert.hf.read_param`) and builds every parameter from per-device blocks: for each
+*addressable* device it reads that device's block from the safetensors file (the ``[:, cols]`` block
+of a column-parallel kernel is a row range of the HF ``[out, in]`` tensor, read without touching the
+rest), copies it to the device and drops it before reading the next. With ``mp=8`` the host holds
+at most 1/8 of any split weight at a time, so a host with less RAM than the model can load it, and
+on a multi-host mesh each process reads only its own devices' slices. A block that several local
+devices share (replicated LayerNorm, ``dp`` copies) is read once and copied to each.
 
 ``load_flax_sharded(ckpt, mesh)`` does the same for our orbax checkpoints (``convert/flax.py``
 layout): orbax restores into the target shardings and reads only the chunks each process needs.
 
-``.bin`` (pickle) checkpoints cannot be read by slice; they are loaded tensor by tensor, each whole
-tensor being held once on the host while its shards are cut.
+``.bin`` (pickle) checkpoints cannot be read by slice: ``CheckpointReader.read_slice`` reads the
+whole tensor and cuts it, so each block read holds one whole tensor for a moment.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import Counter
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import numpy as np
@@ -39,6 +38,29 @@ PathLike = Union[str, os.PathLike]
 def _key(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     """A hashable ``((start, stop), ...)`` for a tuple of slices over ``shape``."""
     return tuple((s.indices(n)[0], s.indices(n)[1]) for s, n in zip(index, shape))
+
+
+def _assemble(shape: tuple[int, ...], sharding: jax.sharding.Sharding, read: Callable[[tuple], np.ndarray]) -> jax.Array:
+    """A global array from per-device blocks, holding one host block at a time.
+
+    (``jax.make_array_from_callback`` would first collect every local device's block on the host,
+    i.e. the whole tensor when the process has all of its shards.) A block several local devices
+    share is read once and copied to each of them.
+    """
+    takers: dict[tuple, list] = {}
+    first_index: dict[tuple, tuple] = {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        key = _key(index, shape)
+        takers.setdefault(key, []).append(device)
+        first_index.setdefault(key, index)
+    arrays = []
+    for key, devices in takers.items():
+        block = read(first_index[key])
+        placed = [jax.device_put(block, d) for d in devices]
+        jax.block_until_ready(placed)
+        arrays.extend(placed)
+        del block
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def load_hf_sharded(
@@ -73,33 +95,20 @@ def load_hf_sharded(
         check_tensors(reader, config, head, names)
         shardings = table.flatten(sh.param_shardings(config, mesh, head, rules))
         flat: dict[str, jax.Array] = {}
+
+        def read(our_path: str, index: tuple) -> np.ndarray:
+            nonlocal reads, bytes_read, max_read
+            array = np.ascontiguousarray(read_param(reader, our_path, index, np_dtype))
+            reads += 1
+            bytes_read += array.nbytes
+            max_read = max(max_read, array.nbytes)
+            return array
+
         for our_path, shape in table.expected_param_shapes(config, head).items():
             name, _ = table.ours_to_hf(our_path)
             largest = max(largest, reader.nbytes(name))
             sharding = shardings[our_path]
-            # How many local devices take each distinct block: a shared block is read once and
-            # dropped after its last taker, so at most one block per tensor is held at a time.
-            takers = Counter(_key(i, shape) for i in sharding.addressable_devices_indices_map(shape).values())
-            blocks: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
-
-            def block(index: tuple, our_path: str = our_path, shape: tuple[int, ...] = shape,
-                      blocks: dict = blocks, takers: Counter = takers) -> np.ndarray:
-                nonlocal reads, bytes_read, max_read
-                key = _key(index, shape)
-                array = blocks.get(key)
-                if array is None:
-                    array = np.ascontiguousarray(read_param(reader, our_path, index, np_dtype))
-                    reads += 1
-                    bytes_read += array.nbytes
-                    max_read = max(max_read, array.nbytes)
-                takers[key] -= 1
-                if takers[key] > 0:
-                    blocks[key] = array
-                else:
-                    blocks.pop(key, None)
-                return array
-
-            flat[our_path] = jax.make_array_from_callback(shape, sharding, block)
+            flat[our_path] = _assemble(shape, sharding, lambda index, p=our_path: read(p, index))
     if stats is not None:
         stats.update(
             reads=reads, bytes_read=bytes_read, max_read_bytes=max_read,

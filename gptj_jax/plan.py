@@ -1,0 +1,434 @@
+"""``gptj-jax plan``: per-device memory and FLOPs of a step on a mesh, before renting the hardware.
+
+The steps are compiled ahead of time on abstract inputs (``ShapeDtypeStruct`` with shardings; no
+weights are made) for simulated CPU devices, and ``compiled.memory_analysis()`` gives the per-device
+argument, output, temporary and aliased bytes. Analytic counts (params, optimizer state, gradients,
+KV cache from the shardings; a rough activation estimate) are printed next to them as a cross-check,
+followed by FLOPs per step and a fits / does-not-fit table for common accelerator hosts.
+
+Steps:
+
+* inference: ``prefill`` (the prompt ``[batch, seq]`` through the model, filling a ``seq``-slot KV
+  cache, last-position logits) and ``decode`` (one token per row against the full cache).
+* ``--train``: the fine-tuning step of ``gptj_jax.train.step`` (forward, backward, mtj's Adam chain,
+  donated state) on a ``[grad_accum, batch, seq + 1]`` token batch.
+
+CPU compilation is a proxy for TPU / GPU: XLA's CPU backend fuses differently and may upcast
+bfloat16 matmuls, so temporaries are an estimate; params, optimizer state and cache are exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+GiB = 1024**3
+
+# (name, devices per host, bytes of memory per device)
+HARDWARE: tuple[tuple[str, int, int], ...] = (
+    ("TPU v2-8", 8, 8 * GiB),
+    ("TPU v3-8", 8, 16 * GiB),
+    ("TPU v4-8", 4, 32 * GiB),
+    ("TPU v5e-8", 8, 16 * GiB),
+    ("8x A100 40GB", 8, 40 * GiB),
+    ("8x A100 80GB", 8, 80 * GiB),
+    ("8x H100 80GB", 8, 80 * GiB),
+)
+# A plan "fits" below this share of device memory; between it and 1.0 it is "tight" (runtime
+# reservations, fragmentation and CPU-vs-accelerator fusion differences eat the rest).
+HEADROOM = 0.9
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass
+class StepMemory:
+    """One compiled step's per-device memory (bytes) and cost."""
+
+    name: str
+    argument: int
+    output: int
+    alias: int
+    temp: int
+    code: int
+    flops_per_device: float
+    compile_seconds: float
+
+    @property
+    def peak(self) -> int:
+        """Live bytes at the step's peak: inputs + outputs not aliased to inputs + temporaries + code."""
+        return self.argument + self.output - self.alias + self.temp + self.code
+
+
+@dataclasses.dataclass
+class Plan:
+    """What ``gptj-jax plan`` prints."""
+
+    config_name: str
+    mesh: dict[str, int]
+    batch: int
+    seq: int
+    train: bool
+    dtype: str
+    param_dtype: str
+    analytic: dict[str, int]  # per-device bytes: params, opt_state, grads, kv_cache, activations (rough)
+    steps: list[StepMemory]
+    flops_analytic: float  # whole step, all devices
+    notes: list[str]
+
+    @property
+    def devices(self) -> int:
+        return math.prod(self.mesh.values())
+
+    @property
+    def peak(self) -> int:
+        """Per-device peak over the compiled steps."""
+        return max(s.peak for s in self.steps)
+
+
+# ---------------------------------------------------------------------------------------- analytic
+def analytic_flops(config: Any, batch: int, seq: int, train: bool) -> float:
+    """Matmul FLOPs of one step, all devices: 2 per multiply-add, attention's two ``[T, T]`` matmuls
+    uncut by the causal mask (PaLM's accounting); training is 3x the forward.
+
+    Inference counts the prefill of ``batch x seq`` tokens plus one decode token per row.
+    """
+    n_matmul = config.num_params("causal_lm") - config.vocab_size * config.n_embd  # embedding lookup is free
+    attn = 4 * config.n_layer * config.n_embd  # per token per key: q.k and p.v, 2 FLOPs each
+    prefill = batch * seq * (2 * n_matmul + attn * seq)
+    if train:
+        return 3.0 * prefill
+    decode = batch * (2 * n_matmul + attn * seq)
+    return float(prefill + decode)
+
+
+def activation_estimate(config: Any, mesh: dict[str, int], batch: int, seq: int, train: bool, itemsize: int,
+                        remat: str) -> int:
+    """Rough per-device activation bytes (the cross-check for the compiled temporaries).
+
+    Per block and local row, the forward keeps about ``T x (10 D + 2 F/mp) x itemsize`` (LN output,
+    q/k/v, context, attention output, MLP in/out) plus float32 scores and probabilities
+    ``2 x N/mp x T x T x 4``. Training without remat keeps every block's; with remat one block's plus
+    each block's input. Inference holds one block's at a time.
+    """
+    rows = max(batch // (mesh["dp"] * mesh["fsdp"]), 1)
+    mp = mesh["mp"]
+    d, f, n = config.n_embd, config.inner_dim, config.n_head
+    per_block = rows * seq * ((10 * d + 2 * f // mp) * itemsize + 2 * (n // mp) * seq * 4)
+    logits = rows * seq * (config.vocab_size // mp) * 4 * (3 if train else 1)
+    if not train:
+        return per_block + rows * (config.vocab_size // mp) * 4
+    if remat == "none":
+        return config.n_layer * per_block + logits
+    return config.n_layer * rows * seq * d * itemsize + per_block + logits
+
+
+# ---------------------------------------------------------------------------------------- steps
+def _compile(name: str, jitted: Any, *args: Any) -> StepMemory:
+    import time
+
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return StepMemory(
+        name=name,
+        argument=int(mem.argument_size_in_bytes),
+        output=int(mem.output_size_in_bytes),
+        alias=int(mem.alias_size_in_bytes),
+        temp=int(mem.temp_size_in_bytes),
+        code=int(mem.generated_code_size_in_bytes),
+        flops_per_device=float((cost or {}).get("flops", 0.0)),
+        compile_seconds=seconds,
+    )
+
+
+def inference_steps(config: Any, mesh: Any, batch: int, seq: int, dtype: Any, param_dtype: Any) -> tuple[list[StepMemory], dict[str, int]]:
+    """Compile prefill and decode on abstract inputs; returns their memory and the analytic cache / param bytes."""
+    import jax
+    import jax.numpy as jnp
+
+    from gptj_jax import sharding as sh
+    from gptj_jax.cache import init_cache
+    from gptj_jax.model import model_for
+
+    module = model_for(config, "causal_lm", dtype=dtype)
+    params = sh.abstract_params(config, mesh, "causal_lm", param_dtype)
+    cache_shape = jax.eval_shape(lambda: init_cache(config, batch, seq, dtype))
+    cache_sh = sh.cache_shardings(config, mesh, cache_shape)
+    cache = jax.tree.map(lambda s, shd: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shd), cache_shape, cache_sh)
+    logits_sh = sh.logical_sharding(mesh, ("batch", None, "vocab"))
+
+    def step(params, ids, mask, cache):
+        out = module.apply({"params": params}, ids, attention_mask=mask, cache=cache, logits_to_keep=1)
+        return out.logits, out.cache
+
+    jitted = jax.jit(step, out_shardings=(logits_sh, cache_sh), donate_argnums=(3,))
+    prompt = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sh.batch_sharding(mesh, batch))
+    one = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=sh.batch_sharding(mesh, batch))
+    steps = [
+        _compile("prefill", jitted, params, prompt, prompt, cache),
+        _compile("decode", jitted, params, one, one, cache),
+    ]
+    analytic = {
+        "params": sh.sharded_bytes(params, sh.param_shardings(config, mesh)),
+        "kv_cache": sh.sharded_bytes(cache_shape, cache_sh),
+    }
+    return steps, analytic
+
+
+def train_steps(config: Any, mesh: Any, batch: int, seq: int, dtype: str, param_dtype: Any, remat: str,
+                grad_accum: int, forward: str) -> tuple[list[StepMemory], dict[str, int]]:
+    """Compile the fine-tuning step of ``gptj_jax.train.step`` on an abstract train state and batch."""
+    import jax
+    import jax.numpy as jnp
+
+    from gptj_jax import sharding as sh
+    from gptj_jax.train import step as train_step
+    from gptj_jax.train.optimizer import mtj_optimizer, mtj_schedule
+
+    cfg = train_step.StepConfig(model=config, dtype=dtype, remat=remat, forward=forward, grad_accum=grad_accum)
+    schedule = mtj_schedule(warmup_steps=100, anneal_steps=1000, lr=1e-5, end_lr=1e-6)
+    optimizer = mtj_optimizer(lr_schedule=schedule, weight_decay=0.1, gradient_accumulation_steps=grad_accum)
+    shardings = train_step.state_shardings(cfg, mesh, optimizer, param_dtype)
+    state = train_step.abstract_state(cfg, mesh, optimizer, param_dtype)
+    jitted = train_step.make_train_step(cfg, mesh, optimizer, schedule, shardings)
+    tokens = jax.ShapeDtypeStruct((grad_accum, batch, seq + 1), jnp.int32,
+                                  sharding=train_step.batch_spec_sharding(mesh))
+    steps = [_compile("train", jitted, state, tokens)]
+    params_bytes = sh.sharded_bytes(state["params"], shardings["params"])
+    analytic = {
+        "params": params_bytes,
+        "opt_state": sh.sharded_bytes(state["opt_state"], shardings["opt_state"]),
+        # float32 gradient accumulators, split like the params
+        "grads": sh.sharded_bytes(
+            jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), state["params"]), shardings["params"]
+        ),
+    }
+    return steps, analytic
+
+
+# ---------------------------------------------------------------------------------------- plan
+def make_plan(
+    config: Any,
+    mesh_sizes: dict[str, int],
+    batch: int,
+    seq: int,
+    *,
+    train: bool = False,
+    dtype: str = "bfloat16",
+    param_dtype: Optional[str] = None,
+    remat: str = "none",
+    grad_accum: int = 1,
+    forward: str = "gspmd",
+    config_name: str = "",
+    devices: Optional[list] = None,
+) -> Plan:
+    """Build the mesh on the (simulated) devices, compile the steps, and collect the numbers.
+
+    ``param_dtype`` defaults to float32 for training (master weights) and to ``dtype`` for inference.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from gptj_jax import sharding as sh
+
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"--dtype {dtype!r} is not one of {DTYPE_NAMES}")
+    param_dtype = param_dtype or ("float32" if train else dtype)
+    if param_dtype not in DTYPE_NAMES:
+        raise ValueError(f"--param-dtype {param_dtype!r} is not one of {DTYPE_NAMES}")
+    if seq > config.n_positions:
+        raise ValueError(f"--seq {seq} exceeds the model's n_positions={config.n_positions}")
+    if batch < 1 or seq < 1:
+        raise ValueError(f"--batch and --seq must be >= 1, got {batch} and {seq}")
+    mesh = sh.make_mesh(mesh_sizes["dp"], mesh_sizes["fsdp"], mesh_sizes["mp"], devices=devices)
+    sizes = sh.mesh_shape(mesh)
+    sh.validate_config(config, mesh)
+    sh.check_batch(mesh, batch)
+    itemsize = jnp.dtype(dtype).itemsize
+    if train:
+        steps, analytic = train_steps(config, mesh, batch, seq, dtype, jnp.dtype(param_dtype), remat, grad_accum, forward)
+    else:
+        steps, analytic = inference_steps(config, mesh, batch, seq, jnp.dtype(dtype), jnp.dtype(param_dtype))
+    analytic["activations"] = activation_estimate(config, sizes, batch, seq, train, itemsize, remat)
+    notes = [f"compiled for {jax.device_count()} simulated {jax.devices()[0].platform.upper()} devices"]
+    return Plan(
+        config_name=config_name, mesh=sizes, batch=batch, seq=seq, train=train, dtype=dtype,
+        param_dtype=param_dtype, analytic=analytic, steps=steps,
+        flops_analytic=analytic_flops(config, batch * grad_accum if train else batch, seq, train),
+        notes=notes,
+    )
+
+
+def fits_table(plan: Plan, hardware: tuple[tuple[str, int, int], ...] = HARDWARE) -> list[dict[str, Any]]:
+    """One row per host type: per-device need (scaled when the host has a different device count),
+    capacity, share used and verdict (``fits`` below ``HEADROOM``, ``tight`` below 1.0, else ``no``)."""
+    rows = []
+    for name, n_dev, mem in hardware:
+        need = plan.peak
+        scaled = n_dev != plan.devices
+        if scaled:  # every large array is split over all devices: scale the per-device need
+            need = int(need * plan.devices / n_dev)
+        share = need / mem
+        verdict = "fits" if share <= HEADROOM else "tight" if share <= 1.0 else "no"
+        rows.append(dict(hardware=name, devices=n_dev, memory=mem, need=need, share=share, verdict=verdict,
+                         scaled=scaled))
+    return rows
+
+
+def _gib(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1 (GiB at most)."""
+    for unit, size in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def plan_dict(plan: Plan) -> dict[str, Any]:
+    """The plan as plain JSON-able data (``--json``)."""
+    out = dataclasses.asdict(plan)
+    out["devices"] = plan.devices
+    out["peak"] = plan.peak
+    for step, s in zip(out["steps"], plan.steps):
+        step["peak"] = s.peak
+    out["fits"] = fits_table(plan)
+    return out
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as markdown tables."""
+    mesh = ",".join(f"{k}={v}" for k, v in plan.mesh.items())
+    what = "training step" if plan.train else "inference (prefill + decode)"
+    lines = [
+        f"## plan: {plan.config_name or 'model'} {what}, mesh {mesh} ({plan.devices} devices), "
+        f"batch {plan.batch} x seq {plan.seq}, compute {plan.dtype}, params {plan.param_dtype}",
+        "",
+        "### Per-device memory, analytic",
+        "",
+        "| what | bytes per device |",
+        "|---|---|",
+    ]
+    for key, value in plan.analytic.items():
+        label = "activations (rough estimate)" if key == "activations" else key
+        lines.append(f"| {label} | {_gib(value)} |")
+    state = sum(v for k, v in plan.analytic.items() if k in ("params", "opt_state", "kv_cache"))
+    lines += [f"| persistent state (params + optimizer state + cache) | {_gib(state)} |", ""]
+    lines += [
+        "### Per-device memory, compiled (`memory_analysis()`)",
+        "",
+        "| step | arguments | outputs | aliased | temporaries | peak | compile s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in plan.steps:
+        lines.append(
+            f"| {s.name} | {_gib(s.argument)} | {_gib(s.output)} | {_gib(s.alias)} | {_gib(s.temp)} | "
+            f"**{_gib(s.peak)}** | {s.compile_seconds:.1f} |"
+        )
+    args = plan.steps[0].argument
+    lines += [
+        "",
+        f"Cross-check: analytic persistent state {_gib(state)} vs compiled arguments of "
+        f"`{plan.steps[0].name}` {_gib(args)} (ratio {args / max(state, 1):.3f}; the arguments also hold the batch).",
+        "",
+        "### FLOPs per step",
+        "",
+        "| source | FLOPs |",
+        "|---|---|",
+        f"| analytic (2 per MAC, all devices) | {plan.flops_analytic:.3e} |",
+    ]
+    compiled_flops = sum(s.flops_per_device for s in plan.steps) * plan.devices
+    lines.append(f"| compiled cost analysis (x {plan.devices} devices) | {compiled_flops:.3e} |")
+    lines += [
+        "",
+        f"### Fits? (per-device peak {_gib(plan.peak)}; 'fits' below {HEADROOM:.0%} of device memory)",
+        "",
+        "| host | devices | memory / device | need / device | share | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in fits_table(plan):
+        need = ("~" if r["scaled"] else "") + _gib(r["need"])
+        lines.append(
+            f"| {r['hardware']} | {r['devices']} | {_gib(r['memory'])} | {need} | {r['share']:.0%} | {r['verdict']} |"
+        )
+    if any(r["scaled"] for r in fits_table(plan)):
+        lines += ["", f"~ : the host has a different device count than the {plan.devices}-device mesh; "
+                      "need scaled by devices (re-plan with a matching mesh for an exact figure)."]
+    lines += ["", *[f"Note: {n}." for n in plan.notes]]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``gptj-jax plan``."""
+    parser.add_argument("--config", required=True, help="config.json of the model (e.g. configs/gptj-6b.json)")
+    parser.add_argument("--mesh", default="dp=1,fsdp=1,mp=1", help="mesh sizes, e.g. dp=1,fsdp=1,mp=8 (-1 = the rest)")
+    parser.add_argument("--batch", type=int, default=1, help="global batch (rows) per step")
+    parser.add_argument("--seq", type=int, default=2048, help="sequence length (cache slots for inference)")
+    parser.add_argument("--train", action="store_true", help="plan the fine-tuning step instead of inference")
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="compute dtype (default bfloat16)")
+    parser.add_argument("--param-dtype", default=None, choices=DTYPE_NAMES,
+                        help="parameter dtype (default: float32 for --train, else --dtype)")
+    parser.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch"),
+                        help="rematerialisation policy of the training step")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per training step")
+    parser.add_argument("--forward", default="gspmd", choices=("gspmd", "shard_map"),
+                        help="training forward: XLA-partitioned or the explicit shard_map one")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of markdown")
+
+
+def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``plan`` verb to an ``argparse`` sub-parsers object."""
+    p = subparsers.add_parser("plan", help="per-device memory and FLOPs of a step on a mesh",
+                              description=__doc__.split("\n\n")[0])
+    add_plan_arguments(p)
+    return p
+
+
+def run_plan(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
+    """Run ``gptj-jax plan``: simulate the mesh's devices on CPU, compile, print the tables. Returns 0."""
+    from gptj_jax.config import GPTJConfig
+    from gptj_jax.sharding import parse_mesh, resolve_mesh_shape
+
+    config = GPTJConfig.from_pretrained(args.config)
+    sizes = parse_mesh(args.mesh)
+    if -1 in sizes.values():
+        raise ValueError(f"--mesh {args.mesh!r}: plan needs every axis size (no -1): it simulates that many devices")
+    n = math.prod(sizes.values())
+    resolve_mesh_shape(**sizes, n_devices=n)
+    devices = _simulated_devices(n)
+    plan = make_plan(
+        config, sizes, args.batch, args.seq, train=args.train, dtype=args.dtype, param_dtype=args.param_dtype,
+        remat=args.remat, grad_accum=args.grad_accum, forward=args.forward, config_name=str(args.config),
+        devices=devices,
+    )
+    if args.json:
+        import json
+
+        out(json.dumps(plan_dict(plan), indent=2))
+    else:
+        out(format_plan(plan))
+    return 0
+
+
+def _simulated_devices(n: int) -> list:
+    """``n`` devices to compile for: simulate ``n`` CPU devices if JAX is not started yet, else use the
+    first ``n`` existing devices (error if there are fewer)."""
+    import jax
+    from jax._src import xla_bridge
+
+    if not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", n)
+    devices = jax.devices()
+    if len(devices) < n:
+        raise RuntimeError(
+            f"the mesh needs {n} devices but JAX already started with {len(devices)}; run `gptj-jax plan` in a "
+            f"fresh process or set XLA_FLAGS=--xla_force_host_platform_device_count={n}"
+        )
+    return devices[:n]
