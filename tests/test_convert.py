@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -127,6 +128,21 @@ def test_dtype_cast_and_tokenizer_files(sources, tmp_path, capsys):
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "bf16"))
     assert tok("Hello world")["input_ids"] == [15496, 995]
     assert len(tok) == 50400
+
+
+def test_flax_run_dir_converts_newest_step(model, sources, tmp_path):
+    """A training run's <run>/<step>/params items (config.json in the run dir): the newest step converts."""
+    from gptj_jax.convert import from_pretrained, save_flax
+
+    config, params = from_pretrained(sources[("float32", "safetensors")])
+    zeros = jax.tree_util.tree_map(np.zeros_like, params)
+    save_flax(tmp_path / "run" / "200", config, params)
+    save_flax(tmp_path / "run" / "30", config, zeros)
+    for step in ("200", "30"):
+        os.replace(tmp_path / "run" / step / "config.json", tmp_path / "run" / "config.json")
+    assert detect_format(str(tmp_path / "run")) == "flax"
+    convert(tmp_path / "run", tmp_path / "hf", to="hf", **QUIET)
+    assert_dirs_identical(sources[("float32", "safetensors")], str(tmp_path / "hf"))
 
 
 def test_hf_mtj_hf_is_exact_for_float32(sources, tmp_path):

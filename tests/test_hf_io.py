@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -341,3 +342,13 @@ def test_logits_after_round_trips(hf_models, saved, tmp_path):
             got = again(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
         for key in ("start_logits", "end_logits") if head == "question_answering" else ("logits",):
             assert torch.equal(getattr(got, key), getattr(want, key)), (head, key)
+
+
+def test_bin_without_torch_says_how_to_install(monkeypatch, tmp_path):
+    from gptj_jax.convert import io
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ImportError, match=r"pip install gptj-jax\[torch\]"):
+        io.TorchBinFile(tmp_path / "pytorch_model.bin")
+
