@@ -567,7 +567,7 @@ def _iterate(config, params, ids, mask, lengths, P_in, max_new, min_new, samplin
         step = int(state["step"])
         ended = np.array(jax.device_get(state["done"])) | (stop_cut >= 0)
         if step < max_new and not ended.all():
-            stop_at = max_new if chunk is None else min(max_new, step + chunk)
+            stop_at = max_new if chunk is None else min(max_new, (step // chunk + 1) * chunk)  # aligned chunks
             state = _run(params, state, knobs, ctl, jnp.asarray(stop_at, jnp.int32), config=config, dtype=dtype,
                          spec=spec)
         # copies: the device buffers are donated to the next call

@@ -1,0 +1,424 @@
+"""Generation: greedy parity with transformers' ``generate``, cache correctness at every decode step,
+EOS / min_new_tokens / stop strings / streaming / repeats / seeds / suppression, one compile per bucket,
+the persistent compilation cache, a mesh, and the ``gptj-jax generate`` CLI (happy paths, resume,
+and bad input: one error line, nothing written).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, hf_model, left_padded_batch, params_of
+
+from gptj_jax import GPTJConfig, GPTJForCausalLM
+from gptj_jax import generate as generate_mod
+from gptj_jax.cli import main as cli_main
+from gptj_jax.generate import (
+    TRACE_COUNTS,
+    GenerationError,
+    bucket,
+    decode_step,
+    generate,
+    iter_generate,
+    prefill,
+)
+from gptj_jax.sampling import SamplingError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LENGTHS = [9, 5, 1, 7, 12]
+NEW = 40  # >= 32 new tokens
+PAD = 0
+# vocab 50400 so that GPT-J's tokenizer fits (stop strings, suppression, CLI)
+WIDE = GPTJConfig(vocab_size=50400, n_positions=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    hf = hf_model(TINY, seed=0, scale=3.0)
+    return hf, params_of(hf)
+
+
+@pytest.fixture(scope="module")
+def wide():
+    hf = hf_model(WIDE, seed=0, scale=3.0)
+    return hf, params_of(hf)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from gptj_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, wide):
+    path = tmp_path_factory.mktemp("tiny-gptj")
+    wide[0].save_pretrained(path)
+    return str(path)
+
+
+def _hf_generate(hf, ids, mask, **kw):
+    """transformers' greedy generate -> (sequences, raw logits per step, processed scores per step)."""
+    out = hf.generate(
+        torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False, max_new_tokens=NEW,
+        return_dict_in_generate=True, output_logits=True, output_scores=True, **kw,
+    )
+    return out.sequences.numpy(), [l.numpy() for l in out.logits], [s.numpy() for s in out.scores]
+
+
+def _pick_eos(new_tokens: np.ndarray, how_many: int) -> list:
+    """Token ids that end some rows inside the window (between new tokens 3 and 35) but not all rows."""
+    rows = new_tokens.shape[0]
+    for tok in np.unique(new_tokens):
+        first = [np.flatnonzero(new_tokens[b] == tok) for b in range(rows)]
+        ends = [f[0] for f in first if len(f)]
+        if ends and all(3 <= e < 35 for e in ends) and 0 < len(ends) < rows:
+            chosen = [int(tok)]
+            if how_many == 2:  # a second id that ends one of the rows the first does not
+                for tok2 in np.unique(new_tokens):
+                    hit = [b for b in range(rows) if not len(first[b]) and 3 <= _first(new_tokens[b], tok2) < 35]
+                    if hit and len(hit) < rows - len(ends):
+                        return chosen + [int(tok2)]
+                continue
+            return chosen
+    raise AssertionError("no suitable EOS token for this seed")
+
+
+def _first(row: np.ndarray, tok) -> int:
+    where = np.flatnonzero(row == tok)
+    return int(where[0]) if len(where) else 10**9
+
+
+# ============================================================================ greedy parity
+@pytest.mark.parametrize("seed, n_eos, min_new", [(0, 1, 0), (1, 2, 0), (2, 1, 6)])
+def test_greedy_matches_transformers(seed, n_eos, min_new):
+    """Left-padded prompts of different lengths, 40 new tokens, EOS inside the window for some rows
+    (one id, two ids, or with min_new_tokens): tokens equal transformers' greedy generate."""
+    hf = hf_model(TINY, seed=seed, scale=10.0)
+    params = params_of(hf)
+    ids, mask, _ = left_padded_batch(TINY.vocab_size, LENGTHS, seed=seed)
+    P = ids.shape[1]
+    free, _, _ = _hf_generate(hf, ids, mask, pad_token_id=PAD)  # vocab 101: config's EOS 50256 never occurs
+    eos = _pick_eos(free[:, P + min_new:], n_eos)
+    ref, logits, scores = _hf_generate(hf, ids, mask, eos_token_id=eos, pad_token_id=PAD, min_new_tokens=min_new)
+
+    out = generate(TINY, params, ids, mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=PAD,
+                   min_new_tokens=min_new, return_logprobs=True)
+    assert out.sequences.shape == (len(LENGTHS), P + NEW)
+    steps = ref.shape[1] - P
+    np.testing.assert_array_equal(out.sequences[:, : P + steps], ref)
+    assert (out.sequences[:, P + steps:] == PAD).all()
+    reasons = set(out.finish_reasons)
+    assert reasons == {"eos", "length"}, out.finish_reasons  # EOS inside the window for some rows only
+    if min_new:
+        assert out.num_new_tokens.min() > min_new
+    # no near-ties: every greedy decision beat the runner-up by more than twice the 1e-4 logit tolerance,
+    # and our log-probabilities of the chosen tokens equal transformers' (processed scores) within 1e-4
+    for t, (step_logits, step_scores) in enumerate(zip(logits, scores)):
+        live = out.num_new_tokens > t
+        top2 = np.sort(step_logits[live], axis=-1)[:, -2:]
+        assert (top2[:, 1] - top2[:, 0]).min() > 2e-4
+        theirs = torch.log_softmax(torch.tensor(step_scores), -1).numpy()[np.arange(len(live)), ref[:, P + t]]
+        np.testing.assert_allclose(out.logprobs[live, t], theirs[live], atol=1e-4)
+
+
+# ============================================================================ cache correctness
+def test_decode_logits_equal_full_forward_at_every_step(tiny):
+    """prefill + decode_step logits equal a cache-free forward over the sequence so far (<= 1e-4), and so
+    do the log-probabilities the while_loop records. (The forward is causal, so one forward over the final
+    sequence gives the logits of every prefix.)"""
+    _, params = tiny
+    ids, mask, _ = left_padded_batch(TINY.vocab_size, [6, 3, 8], seed=3)
+    B, P = ids.shape
+    steps = 24
+    out = generate(TINY, params, ids, mask, max_new_tokens=steps, eos_token_id=[], return_logprobs=True)
+    seq = out.sequences  # [B, P + steps]
+    seq_mask = np.concatenate([mask, np.ones((B, steps), mask.dtype)], 1)
+    full = GPTJForCausalLM(TINY).apply({"params": params}, jnp.asarray(seq), attention_mask=jnp.asarray(seq_mask))
+    ref = np.asarray(full.logits[:, P - 1: P - 1 + steps])  # [B, steps, V]: logits that chose new token t
+
+    logits, cache = prefill(params, jnp.asarray(ids), jnp.asarray(mask), config=TINY, cache_len=P + steps)
+    worst = 0.0
+    for t in range(steps):
+        worst = max(worst, float(np.abs(np.asarray(logits) - ref[:, t]).max()))
+        if t + 1 < steps:
+            logits, cache = decode_step(params, cache, jnp.asarray(seq[:, P + t], jnp.int32), config=TINY)
+    assert worst <= 1e-4, worst
+    np.testing.assert_array_equal(out.new_tokens, ref.argmax(-1))
+    want = np.take_along_axis(np.asarray(jax.nn.log_softmax(ref)), out.new_tokens[..., None], -1)[..., 0]
+    np.testing.assert_allclose(out.logprobs, want, atol=1e-4)
+
+
+# ============================================================================ compile counting
+def test_second_call_in_same_bucket_does_not_retrace(tiny):
+    _, params = tiny
+    kw = dict(do_sample=True, top_k=20, top_p=0.9, eos_token_id=[3, 4])
+    ids, mask, _ = left_padded_batch(TINY.vocab_size, [9, 10], seed=4)
+    generate(TINY, params, ids, mask, max_new_tokens=20, temperature=0.7, seed=1, **kw)
+    before = dict(TRACE_COUNTS)
+    sizes = generate_mod._start._cache_size(), generate_mod._run._cache_size()
+    # same buckets (prompt 12, batch 2, new tokens 24, top-k 32), other lengths, values and seed
+    ids, mask, _ = left_padded_batch(TINY.vocab_size, [11, 4], seed=5)
+    out = generate(TINY, params, ids, mask, max_new_tokens=17, temperature=1.3, seed=9, min_p=0.0,
+                   **dict(kw, top_k=30, top_p=0.5, eos_token_id=[7]))
+    assert out.sequences.shape == (2, 11 + 17)
+    assert dict(TRACE_COUNTS) == before
+    assert (generate_mod._start._cache_size(), generate_mod._run._cache_size()) == sizes
+    # a new prompt bucket does compile (the counter works)
+    ids, mask, _ = left_padded_batch(TINY.vocab_size, [13, 2], seed=6)
+    generate(TINY, params, ids, mask, max_new_tokens=17, temperature=1.3, **kw)
+    assert TRACE_COUNTS["start"] == before["start"] + 1
+
+
+def test_buckets():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 6, 7, 9, 13, 17, 25, 33, 100)] == [
+        1, 2, 3, 4, 6, 6, 8, 12, 16, 24, 32, 48, 128]
+    assert bucket(3, 8) == 8
+
+
+# ============================================================================ behaviour
+def test_sampling_top_k_1_repeats_and_row_seeds(tiny):
+    _, params = tiny
+    ids, mask, _ = left_padded_batch(TINY.vocab_size, [5, 8], seed=7)
+    greedy = generate(TINY, params, ids, mask, max_new_tokens=20, eos_token_id=[])
+    top1 = generate(TINY, params, ids, mask, max_new_tokens=20, eos_token_id=[], do_sample=True, top_k=1,
+                    temperature=2.0, seed=3)
+    np.testing.assert_array_equal(top1.sequences, greedy.sequences)
+
+    rep = generate(TINY, params, ids, mask, max_new_tokens=20, eos_token_id=[], num_return_sequences=3)
+    np.testing.assert_array_equal(rep.sequences, np.repeat(greedy.sequences, 3, axis=0))
+
+    sampled = generate(TINY, params, ids, mask, max_new_tokens=20, eos_token_id=[], do_sample=True,
+                       num_return_sequences=3, seed=[11, 22])
+    new = sampled.new_tokens
+    assert len({tuple(r) for r in new}) == 6  # every row its own key
+    # a prompt's draws depend on its own seed, not on the batch it is in
+    alone = generate(TINY, params, ids[1:], mask[1:], max_new_tokens=20, eos_token_id=[], do_sample=True,
+                     num_return_sequences=3, seed=[22])
+    np.testing.assert_array_equal(alone.new_tokens, new[3:])
+
+
+def test_streaming_chunks_and_iterator(tiny):
+    _, params = tiny
+    ids, mask, _ = left_padded_batch(TINY.vocab_size, [5, 8], seed=7)
+    chunks = []
+    out = generate(TINY, params, ids, mask, max_new_tokens=20, eos_token_id=[], streamer=chunks.append,
+                   stream_interval=6)
+    assert [c.start for c in chunks] == [0, 6, 12, 18]
+    assert all(c.output is None for c in chunks[:-1]) and chunks[-1].output is out
+    np.testing.assert_array_equal(np.concatenate([c.tokens for c in chunks], 1), out.new_tokens)
+    again = list(iter_generate(TINY, params, ids, mask, max_new_tokens=20, eos_token_id=[], stream_interval=6))
+    np.testing.assert_array_equal(again[-1].output.sequences, out.sequences)
+
+
+def _stop_string_at(tokenizer, row: np.ndarray, other: np.ndarray) -> tuple[str, int]:
+    """A two-token string whose first occurrence in ``row``'s text completes at token i + 1 (i >= 3), and
+    that ``other``'s text lacks."""
+    text = tokenizer.decode(row.tolist())
+    for i in range(3, len(row) - 2):
+        stop = tokenizer.decode(row[i: i + 2].tolist())
+        if stop.strip() and text.find(stop) == len(tokenizer.decode(row[:i].tolist())) \
+                and stop not in tokenizer.decode(other.tolist()):
+            return stop, i + 1
+    raise AssertionError("no usable stop string in this continuation")
+
+
+def test_stop_strings(wide, tokenizer):
+    _, params = wide
+    prompts = [tokenizer("The quick brown fox")["input_ids"], tokenizer("Hello")["input_ids"]]
+    free = generate(WIDE, params, prompts, max_new_tokens=16, eos_token_id=[], tokenizer=tokenizer)
+    row = free.new_tokens[0]
+    stop, last = _stop_string_at(tokenizer, row, free.new_tokens[1])
+    out = generate(WIDE, params, prompts, max_new_tokens=16, eos_token_id=[], tokenizer=tokenizer,
+                   stop_strings=["never appears", stop], pad_token_id=50256)
+    cut = int(out.num_new_tokens[0])
+    assert cut == last + 1
+    np.testing.assert_array_equal(out.new_tokens[0, :cut], row[:cut])
+    assert (out.new_tokens[0, cut:] == 50256).all()
+    assert tokenizer.decode(out.new_tokens[0, :cut].tolist()).endswith(stop)
+    assert out.finish_reasons == ["stop_string", "length"]
+    np.testing.assert_array_equal(out.new_tokens[1], free.new_tokens[1])
+
+
+def test_extra_tokens_suppressed_with_gptj_vocab(wide, tokenizer):
+    _, params = wide
+    params = jax.tree.map(lambda x: x, params)
+    bias = np.array(params["lm_head"]["bias"])
+    bias[50300] = 1e4  # the model wants a padding-vocab id every step
+    params = dict(params, lm_head=dict(params["lm_head"], bias=bias))
+    prompt = [tokenizer("Hello")["input_ids"]]
+    free = generate(WIDE, params, prompt, max_new_tokens=8, eos_token_id=[], suppress_extra_tokens=False)
+    assert (free.new_tokens == 50300).all()
+    for kw in ({}, {"tokenizer": tokenizer}):  # default: on for vocab 50400 and GPT-J's tokenizer
+        out = generate(WIDE, params, prompt, max_new_tokens=8, eos_token_id=[], **kw)
+        assert (out.new_tokens < 50257).all()
+
+
+# ============================================================================ bad input
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(input_ids=np.zeros((1, 0), np.int64)), "empty prompt"),
+        (dict(input_ids=[[1, 2, 3]], attention_mask=[[0, 0, 0]]), "empty prompt: row 0"),
+        (dict(input_ids=[[]]), "empty prompt"),
+        (dict(input_ids=[list(range(1, 60))], max_new_tokens=10), "prompt too long"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(do_sample=True, top_p=0.0), "top_p"),
+        (dict(do_sample=True, top_p=1.01), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(min_new_tokens=50), "min_new_tokens"),
+        (dict(input_ids=[[1, 500]]), "outside the vocabulary"),
+        (dict(stop_strings=["x"]), "need a tokenizer"),
+        (dict(input_ids=[[1, 2, 3]], attention_mask=[[1, 0, 1]]), "holes"),
+        (dict(seed=[1, 2]), "one per prompt"),
+    ],
+)
+def test_bad_input_raises_clear_error(tiny, kw, match):
+    _, params = tiny
+    args = dict(input_ids=[[1, 2, 3]], max_new_tokens=5)
+    args.update(kw)
+    with pytest.raises((GenerationError, SamplingError), match=match):
+        generate(TINY, params, args.pop("input_ids"), args.pop("attention_mask", None), **args)
+
+
+def _cli(capsys, *argv):
+    rc = cli_main(["generate", *argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--model", "/nonexistent/model", "--prompt", "hi"], "--model /nonexistent/model: no such directory"),
+        (["--prompt", ""], "--prompt: empty prompt"),
+        (["--prompt", "hello " * 40, "--max-new-tokens", "30"], "prompt too long"),
+        (["--prompt", "hi", "--temperature", "-1"], "--temperature"),
+        (["--prompt", "hi", "--top-p", "0"], "--top-p"),
+        (["--prompt", "hi", "--top-p", "1.5"], "--top-p"),
+        (["--prompt", "hi", "--top-k", "-3"], "--top-k"),
+        (["--prompt", "hi", "--greedy", "--top-k", "3"], "--greedy conflicts"),
+    ],
+)
+def test_cli_bad_input_one_line_nothing_written(capsys, tmp_path, model_dir, argv, match):
+    argv = ["--model", model_dir, *argv] if "--model" not in argv else argv
+    rc, out, err = _cli(capsys, *argv)
+    assert rc == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gptj-jax generate: error:") and match in lines[0], err
+    assert out == ""
+
+
+@pytest.mark.parametrize("line", ['{"id": 1, "prompt": ""}', '{"id": 1, "prompt": "' + "hello " * 40 + '"}'])
+def test_cli_batch_bad_prompt_writes_nothing(capsys, tmp_path, model_dir, line):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": 0, "prompt": "fine"}\n' + line + "\n")
+    rc, _, err = _cli(capsys, "--model", model_dir, "--input", str(src), "--output", str(dst),
+                      "--max-new-tokens", "30")
+    assert rc == 1 and "line 2" in err and len(err.strip().splitlines()) == 1
+    assert not dst.exists()
+
+
+# ============================================================================ CLI happy paths
+def test_cli_single_prompt_and_stream(capsys, model_dir, wide, tokenizer):
+    _, params = wide
+    rc, out, _ = _cli(capsys, "--model", model_dir, "--prompt", "Hello world", "--max-new-tokens", "12", "--quiet")
+    assert rc == 0
+    ids = tokenizer("Hello world")["input_ids"]
+    ref = generate(WIDE, params, [ids], max_new_tokens=12, tokenizer=tokenizer)
+    text = "Hello world" + tokenizer.decode(ref.new_tokens[0, : ref.num_new_tokens[0]].tolist())
+    assert out == text + "\n"
+    rc, streamed, _ = _cli(capsys, "--model", model_dir, "--prompt", "Hello world", "--max-new-tokens", "12",
+                           "--stream", "--stream-interval", "3", "--quiet")
+    assert rc == 0 and streamed == out
+
+
+def test_cli_batch_resumes(capsys, tmp_path, model_dir):
+    prompts = [{"id": i, "prompt": p} for i, p in enumerate(["The cat", "Once upon a time", "A", "Why is the sky"])]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    args = ["--model", model_dir, "--input", str(src), "--output", str(dst), "--max-new-tokens", "6",
+            "--temperature", "0.9", "--top-k", "50", "--batch-size", "2", "--seed", "5", "--quiet"]
+    src.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    assert _cli(capsys, *args)[0] == 0
+    whole = {json.loads(l)["id"]: json.loads(l) for l in dst.read_text().splitlines()}
+    assert sorted(whole) == [0, 1, 2, 3]
+    assert all(r["num_new_tokens"] == 6 and r["finish_reason"] == "length" for r in whole.values())
+
+    # an interrupted run: two results written, then a torn line; the rerun completes the rest
+    dst2 = tmp_path / "out2.jsonl"
+    dst2.write_text(json.dumps(whole[3]) + "\n" + json.dumps(whole[0]) + "\n" + '{"id": 1, "prom')
+    args2 = [a if a != str(dst) else str(dst2) for a in args]
+    assert _cli(capsys, *args2)[0] == 0
+    lines = [json.loads(l) for l in dst2.read_text().splitlines()]
+    assert sorted(r["id"] for r in lines) == [0, 1, 2, 3]
+    assert {r["id"]: r for r in lines} == whole  # per-prompt seeds: same samples in any batching
+    # nothing left to do
+    assert _cli(capsys, *args2)[0] == 0
+    assert len(dst2.read_text().splitlines()) == 4
+
+
+# ============================================================================ compilation cache, mesh
+CACHE_SCRIPT = """
+import sys, time, numpy as np
+sys.path.insert(0, {repo!r})
+from gptj_jax import GPTJConfig, init_params
+from gptj_jax.generate import enable_compilation_cache, generate
+import jax
+enable_compilation_cache({cache!r})
+cfg = GPTJConfig(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4)
+params = init_params(cfg, jax.random.PRNGKey(0))
+out = generate(cfg, params, [[1, 2, 3]], max_new_tokens=5)
+print(out.sequences.tolist())
+"""
+
+
+@pytest.mark.slow
+def test_persistent_compilation_cache(tmp_path):
+    cache = str(tmp_path / "xla-cache")
+    script = CACHE_SCRIPT.format(repo=REPO, cache=cache)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    entries = os.listdir(cache)
+    assert len(entries) >= 2, entries  # the start program and the loop program at least
+    second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0 and second.stdout == first.stdout
+    assert sorted(os.listdir(cache)) == sorted(entries)  # everything came from the cache
+
+
+MESH_SCRIPT = """
+import sys, json, numpy as np
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+from conftest import hf_model, params_of, left_padded_batch
+from gptj_jax import GPTJConfig
+from gptj_jax.generate import generate
+from gptj_jax.sharding import make_mesh
+cfg = GPTJConfig(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4)
+params = params_of(hf_model(cfg, seed=0, scale=3.0))
+ids, mask, _ = left_padded_batch(cfg.vocab_size, [6, 3, 8], seed=0)
+kw = dict(max_new_tokens=12, eos_token_id=[], do_sample=True, top_k=10, seed=4)
+one = generate(cfg, params, ids, mask, **kw)
+sharded = generate(cfg, params, ids, mask, mesh=make_mesh(dp=2, mp=2), **kw)
+print(json.dumps({{"one": one.sequences.tolist(), "mesh": sharded.sequences.tolist()}}))
+"""
+
+
+@pytest.mark.slow
+def test_mesh_matches_one_device():
+    script = MESH_SCRIPT.format(repo=REPO, tests=os.path.join(REPO, "tests"))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["one"] == res["mesh"]
