@@ -32,12 +32,21 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from . import sharding as sh
 from .config import GPTJConfig
-from .model import ACT_FNS, MASK_VALUE, _layer_norm, apply_rotary, causal_lm_loss, logical_axes, model_for, rotary_sin_cos
+from .model import (
+    ACT_FNS,
+    MASK_VALUE,
+    _layer_norm,
+    apply_rotary,
+    causal_lm_loss,
+    logical_axes,
+    model_for,
+    rotary_sin_cos,
+)
 
 Array = jax.Array
 IMPLS = ("jit", "shard_map")
@@ -217,7 +226,6 @@ def _check_impl(impl: str) -> None:
         raise ValueError(f"impl {impl!r} is not one of {IMPLS}")
 
 
-@functools.lru_cache(maxsize=64)
 def make_forward(
     config: GPTJConfig, mesh: Mesh, impl: str = "jit", dtype: Any = jnp.float32, rules: sh.Rules = sh.DEFAULT_RULES
 ):
@@ -225,9 +233,15 @@ def make_forward(
 
     ``attention_mask`` / ``position_ids`` may be None (all ones / ``cumsum(mask) - 1``). Logits come
     out split like ``sharding.logits_sharding(mesh)`` (rows over the batch axes, vocab over mp).
-    Cached per (config, mesh, impl, dtype, rules), so repeated calls do not retrace.
+    Cached per (config, mesh, impl, dtype, rules): the same object comes back, so repeated calls do
+    not retrace.
     """
     _check_impl(impl)
+    return _make_forward(config, mesh, impl, jnp.dtype(dtype), tuple(rules))
+
+
+@functools.lru_cache(maxsize=64)
+def _make_forward(config: GPTJConfig, mesh: Mesh, impl: str, dtype: Any, rules: sh.Rules):
     sh.validate_config(config, mesh, "causal_lm", rules)
     out_sharding = sh.logits_sharding(mesh, rules)
     if impl == "jit":
@@ -257,17 +271,21 @@ def make_forward(
     return jax.jit(fwd, out_shardings=out_sharding)
 
 
-@functools.lru_cache(maxsize=64)
 def make_loss(
     config: GPTJConfig, mesh: Mesh, impl: str = "jit", dtype: Any = jnp.float32, rules: sh.Rules = sh.DEFAULT_RULES
 ):
-    """A jittable ``f(params, input_ids, labels, attention_mask, position_ids) -> scalar`` causal-LM loss.
+    """A jitted ``f(params, input_ids, labels, attention_mask, position_ids) -> scalar`` causal-LM loss.
 
     HF's loss (shifted, labels -100 ignored, mean over counted tokens). ``impl="shard_map"`` uses
-    :func:`vocab_parallel_cross_entropy` on the vocab-split logits. Returned unjitted-inside-jit
-    friendly: it is itself ``jax.jit``-ed and differentiable (``jax.grad`` works through both).
+    :func:`vocab_parallel_cross_entropy` on the vocab-split logits. Differentiable (``jax.grad``
+    works through both impls) and usable inside another ``jit``. Cached like :func:`make_forward`.
     """
     _check_impl(impl)
+    return _make_loss(config, mesh, impl, jnp.dtype(dtype), tuple(rules))
+
+
+@functools.lru_cache(maxsize=64)
+def _make_loss(config: GPTJConfig, mesh: Mesh, impl: str, dtype: Any, rules: sh.Rules):
     sh.validate_config(config, mesh, "causal_lm", rules)
     if impl == "jit":
         module = model_for(config, "causal_lm", dtype=dtype)

@@ -12,7 +12,6 @@ Run as a script (``python tests/test_multihost.py worker PID PORT WORKDIR``) it 
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess

@@ -53,12 +53,13 @@ def mesh_worker() -> dict:
     import jax.numpy as jnp
 
     jax.config.update("jax_num_cpu_devices", 8)
+    import optax
+
     from gptj_jax import sharding as sh
     from gptj_jax.cache import init_cache
     from gptj_jax.config import GPTJConfig
     from gptj_jax.model import init_params, model_for
     from gptj_jax.train import step as train_step
-    import optax
 
     cfg = GPTJConfig(**CONFIG)
     module = model_for(cfg)
