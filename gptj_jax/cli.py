@@ -52,6 +52,7 @@ from gptj_jax.convert import cli as _convert_cli  # noqa: E402
 
 COMMANDS["convert"] = Command(_convert_cli.HELP, _convert_cli.add_convert_arguments, _convert_cli.run_convert)
 from gptj_jax import generate_cli as _generate_cli; COMMANDS["generate"] = Command(_generate_cli.HELP, _generate_cli.add_generate_arguments, _generate_cli.run_generate)  # noqa: E402, E702, I001
+from gptj_jax import plan as _plan; COMMANDS["plan"] = Command("per-device memory and FLOPs of a step on a mesh (AOT on simulated devices)", _plan.add_plan_arguments, _plan.run_plan)  # noqa: E402, E702, I001
 
 
 def build_parser() -> argparse.ArgumentParser:
