@@ -8,7 +8,6 @@ keeps its single device. Rules, specs and errors are checked in-process.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -56,8 +55,8 @@ def mesh_worker() -> dict:
     import optax
 
     from gptj_jax import sharding as sh
-    from gptj_jax.cache import init_cache
     from gptj_jax.config import GPTJConfig
+    from gptj_jax.generate import generate
     from gptj_jax.model import init_params, model_for
     from gptj_jax.train import step as train_step
 
@@ -68,38 +67,12 @@ def mesh_worker() -> dict:
     ids, mask = _batch()
     ref_logits = np.asarray(module.apply({"params": params}, ids, attention_mask=mask).logits)
 
-    def greedy(p, mesh, steps=4):
-        """Prefill the left-padded batch into a (sharded) cache, then greedy-decode ``steps`` tokens."""
-        cache = init_cache(cfg, B, T + steps)
-        cache_sh = sh.cache_shardings(cfg, mesh, cache) if mesh is not None else None
-        if mesh is not None:
-            cache = jax.device_put(cache, cache_sh)
-            x, m = sh.shard_batch(mesh, ids, mask)
-        else:
-            x, m = ids, mask
+    def greedy(p, mesh):
+        """``generate`` (greedy, with logprobs) of the left-padded batch, on ``mesh`` or one device."""
+        out = generate(cfg, p, ids, mask, max_new_tokens=4, eos_token_id=[], return_logprobs=True, mesh=mesh)
+        return np.asarray(out.sequences), np.asarray(out.logprobs)
 
-        @functools.partial(jax.jit, out_shardings=(None, cache_sh), donate_argnums=(3,))
-        def step(p, x, m, cache):
-            out = module.apply({"params": p}, x, attention_mask=m, cache=cache, logits_to_keep=1)
-            return out.logits[:, -1], out.cache
-
-        toks, logits = [], []
-        for _ in range(steps):
-            last, cache = step(p, x, m, cache)
-            tok = jnp.argmax(last, axis=-1).astype(jnp.int32)[:, None]
-            toks.append(np.asarray(tok))
-            logits.append(np.asarray(last))
-            x, m = tok, jnp.ones((B, 1), jnp.int32)
-            if mesh is not None:
-                x, m = sh.shard_batch(mesh, np.asarray(x), np.asarray(m))
-        placed = None
-        if mesh is not None:  # the returned cache keeps the cache shardings (k/v: rows, heads on mp)
-            placed = all(
-                a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(jax.tree.leaves(cache), jax.tree.leaves(cache_sh))
-            )
-        return np.concatenate(toks, 1), np.stack(logits, 1), placed
-
-    ref_toks, ref_gen_logits, _ = greedy(params, None)
+    ref_toks, ref_logprobs = greedy(host_params, None)
 
     # One training step (train/step.py) on one device, then on each mesh.
     tokens = np.random.RandomState(2).randint(0, cfg.vocab_size, (1, B, T + 1)).astype(np.int32)
@@ -148,10 +121,17 @@ def mesh_worker() -> dict:
             for x, s in zip(jax.tree.leaves(made), jax.tree.leaves(sh.param_shardings(cfg, mesh)))
         )
         t1 = time.perf_counter()
-        toks, gen_logits, r["cache_placed"] = greedy(p, mesh)
+        toks, logprobs = greedy(host_params, mesh)
         t2 = time.perf_counter()
         r["greedy_equal"] = bool(np.array_equal(toks, ref_toks))
-        r["greedy_logits_err"] = float(np.abs(gen_logits - ref_gen_logits).max())
+        r["greedy_logprob_err"] = float(np.abs(logprobs - ref_logprobs).max())
+        cache = sh.init_sharded_cache(cfg, mesh, B, T)
+        r["cache_placed"] = all(
+            a.sharding.is_equivalent_to(s, a.ndim)
+            for a, s in zip(jax.tree.leaves(cache), jax.tree.leaves(sh.cache_shardings(cfg, mesh, cache)))
+        )
+        k = cache["layers"][0]["k"]
+        r["kv_shard"] = list(k.sharding.shard_shape(k.shape))
         trained, loss = train_once(mesh)
         r["train_param_err"] = max(
             float(np.abs(np.asarray(a) - np.asarray(b)).max())
@@ -186,11 +166,14 @@ def test_forward_equals_single_device(mesh_results, shape):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", MESHES, ids=MESH_IDS)
-def test_greedy_tokens_equal_with_sharded_cache(mesh_results, shape):
+def test_greedy_generation_equal_and_cache_sharded(mesh_results, shape):
     r = _result(mesh_results, shape)
-    assert r["greedy_equal"]
-    assert r["greedy_logits_err"] <= 1e-5
+    assert r["greedy_equal"]  # generate(..., mesh=mesh) tokens == one device
+    assert r["greedy_logprob_err"] <= 1e-5
+    dp, fsdp, mp = shape
     assert r["cache_placed"]
+    head_dim = CONFIG["n_embd"] // CONFIG["n_head"]
+    assert r["kv_shard"] == [B // (dp * fsdp), T, CONFIG["n_head"] // mp, head_dim]  # rows on dp x fsdp, heads on mp
 
 
 @pytest.mark.slow
