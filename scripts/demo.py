@@ -24,12 +24,11 @@ NEW_TOKENS = 40
 
 def main(overrides: list[str]) -> int:
     import numpy as np
+    from absl import logging as absl_logging
 
     from gptj_jax.train.config import load_train_config
     from gptj_jax.train.data import INDEX, prepare
     from gptj_jax.train.loop import train
-
-    from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's notes about metadata files are not for the reader
     t_start = time.time()

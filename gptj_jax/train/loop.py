@@ -20,6 +20,7 @@ checkpoint (onto whatever mesh this run has) and continues exactly: same data or
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from gptj_jax.config import GPTJConfig
 from gptj_jax.train import data as data_lib
 from gptj_jax.train import step as step_lib
 from gptj_jax.train.config import TrainConfig, TrainConfigError, mesh_sizes, model_config_for
-from gptj_jax.train.optimizer import optimizer_for, schedule_for
+from gptj_jax.train.optimizer import mtj_optimizer, mtj_schedule
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -162,6 +163,20 @@ def _checkpoint_config(path: str, cfg: TrainConfig) -> Optional[GPTJConfig]:
     return None
 
 
+@functools.lru_cache(maxsize=4)
+def _steps(scfg: step_lib.StepConfig, mesh: Any, opt_key: tuple) -> tuple:
+    """(optimizer, schedule, state shardings, jitted train step, jitted eval step), cached so that another
+    ``train`` call in the same process with the same settings (a resume, the demo, tests) compiles nothing."""
+    warmup, anneal, lr, end_lr, wd, k, clip, b1, b2, eps, param_dtype = opt_key
+    schedule = mtj_schedule(warmup, anneal, lr, end_lr)
+    optimizer = mtj_optimizer(lr_schedule=schedule, weight_decay=wd, gradient_accumulation_steps=k, clip_norm=clip,
+                              b1=b1, b2=b2, eps=eps)
+    shardings = step_lib.state_shardings(scfg, mesh, optimizer, step_lib.DTYPES[param_dtype])
+    train_step = step_lib.make_train_step(scfg, mesh, optimizer, schedule, shardings)
+    eval_step = step_lib.make_eval_step(scfg, mesh, shardings["params"])
+    return optimizer, schedule, shardings, train_step, eval_step
+
+
 class _Stopper:
     """SIGTERM / SIGINT set a flag the loop checks after each step; a second Ctrl-C interrupts at once."""
 
@@ -282,10 +297,10 @@ def train(cfg: TrainConfig) -> dict:
     latest = mngr.latest_step()
     param_dtype = step_lib.DTYPES[cfg.param_dtype]
     scfg = step_lib.StepConfig(model_cfg, cfg.dtype, cfg.remat, cfg.forward, cfg.z_loss, k)
-    optimizer = optimizer_for(cfg)
-    schedule = schedule_for(cfg)
+    opt_key = (cfg.warmup_steps, cfg.anneal_steps_value, cfg.lr, cfg.end_lr_value, cfg.weight_decay, k, cfg.clip_norm,
+               cfg.adam_b1, cfg.adam_b2, cfg.adam_eps, cfg.param_dtype)
     try:
-        shardings = step_lib.state_shardings(scfg, mesh, optimizer, param_dtype)
+        optimizer, schedule, shardings, train_step, eval_step = _steps(scfg, mesh, opt_key)
     except ValueError as e:
         raise TrainConfigError(f"mesh {sh.describe_mesh(mesh)} does not fit the model: {e}") from None
 
@@ -315,8 +330,6 @@ def train(cfg: TrainConfig) -> dict:
     start = int(jax.device_get(state["step"]))
     tokens_seen = int(meta.get("tokens_seen", 0))
 
-    train_step = step_lib.make_train_step(scfg, mesh, optimizer, schedule, shardings)
-    eval_step = step_lib.make_eval_step(scfg, mesh, shardings["params"])
     batch_sharding = step_lib.batch_spec_sharding(mesh)
     eval_sharding = sh.logical_sharding(mesh, ("batch", "length"))
     tokens_per_step = k * micro * cfg.seq

@@ -212,12 +212,13 @@ def make_train_step(
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
             return (grads, ce + aux["ce"], z + aux["z"]), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        init = (zeros, jnp.float32(0), jnp.float32(0))
         k = tokens.shape[0]
-        if k == 1:
-            (grads, ce, z), _ = micro(init, (tokens[0], 0))
+        if k == 1:  # no accumulator: the gradient goes straight to the optimizer
+            (_, aux), grads = grad_fn(params, tokens[0], jax.random.fold_in(step_rng, 0))
+            ce, z = aux["ce"], aux["z"]
         else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            init = (zeros, jnp.float32(0), jnp.float32(0))
             (grads, ce, z), _ = lax.scan(micro, init, (tokens, jnp.arange(k)))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
