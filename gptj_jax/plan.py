@@ -214,6 +214,21 @@ def train_steps(config: Any, mesh: Any, batch: int, seq: int, dtype: str, param_
 
 
 # ---------------------------------------------------------------------------------------- plan
+def check_inputs(config: Any, batch: int, seq: int, dtype: str, param_dtype: Optional[str], train: bool,
+                 grad_accum: int) -> str:
+    """Validate the sizes and dtypes; returns the parameter dtype (default: float32 to train, else ``dtype``)."""
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"--dtype {dtype!r} is not one of {DTYPE_NAMES}")
+    param_dtype = param_dtype or ("float32" if train else dtype)
+    if param_dtype not in DTYPE_NAMES:
+        raise ValueError(f"--param-dtype {param_dtype!r} is not one of {DTYPE_NAMES}")
+    if batch < 1 or seq < 1 or grad_accum < 1:
+        raise ValueError(f"--batch, --seq and --grad-accum must be >= 1, got {batch}, {seq} and {grad_accum}")
+    if seq > config.n_positions:
+        raise ValueError(f"--seq {seq} exceeds the model's n_positions={config.n_positions}")
+    return param_dtype
+
+
 def make_plan(
     config: Any,
     mesh_sizes: dict[str, int],
@@ -238,15 +253,7 @@ def make_plan(
 
     from gptj_jax import sharding as sh
 
-    if dtype not in DTYPE_NAMES:
-        raise ValueError(f"--dtype {dtype!r} is not one of {DTYPE_NAMES}")
-    param_dtype = param_dtype or ("float32" if train else dtype)
-    if param_dtype not in DTYPE_NAMES:
-        raise ValueError(f"--param-dtype {param_dtype!r} is not one of {DTYPE_NAMES}")
-    if seq > config.n_positions:
-        raise ValueError(f"--seq {seq} exceeds the model's n_positions={config.n_positions}")
-    if batch < 1 or seq < 1:
-        raise ValueError(f"--batch and --seq must be >= 1, got {batch} and {seq}")
+    param_dtype = check_inputs(config, batch, seq, dtype, param_dtype, train, grad_accum)
     mesh = sh.make_mesh(mesh_sizes["dp"], mesh_sizes["fsdp"], mesh_sizes["mp"], devices=devices)
     sizes = sh.mesh_shape(mesh)
     sh.validate_config(config, mesh)
@@ -401,6 +408,15 @@ def run_plan(args: argparse.Namespace, out: Callable[[str], None] = print) -> in
         raise ValueError(f"--mesh {args.mesh!r}: plan needs every axis size (no -1): it simulates that many devices")
     n = math.prod(sizes.values())
     resolve_mesh_shape(**sizes, n_devices=n)
+    # Check the config and batch against the mesh before simulating any device.
+    from jax.sharding import AbstractMesh
+
+    from gptj_jax.sharding import MESH_AXES, check_batch, validate_config
+
+    abstract = AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
+    check_inputs(config, args.batch, args.seq, args.dtype, args.param_dtype, args.train, args.grad_accum)
+    validate_config(config, abstract)
+    check_batch(abstract, args.batch)
     devices = _simulated_devices(n)
     plan = make_plan(
         config, sizes, args.batch, args.seq, train=args.train, dtype=args.dtype, param_dtype=args.param_dtype,
