@@ -281,14 +281,21 @@ def shard_params(
     """
     head = head or infer_head(params)
     shardings = param_shardings(config, mesh, head, rules)
-    try:
-        return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
-    except ValueError as e:
-        if "structure" not in str(e) and "Custom node type mismatch" not in str(e):
-            raise
+    check_same_tree(params, shardings, f"params (head {head!r})")
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
+
+
+def check_same_tree(tree: Any, shardings: Any, what: str = "tree") -> None:
+    """Raise ValueError naming the missing / unexpected leaf paths when ``tree`` does not match ``shardings``."""
+    is_sh = lambda x: isinstance(x, NamedSharding)
+    want = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(shardings, is_leaf=is_sh)[0]}
+    have = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    if want != have:
+        missing, extra = sorted(want - have), sorted(have - want)
         raise ValueError(
-            f"params do not have the tree structure of head {head!r} for this config: {e}"
-        ) from None
+            f"{what} do not match the config's parameter tree: missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
+            f"unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}"
+        )
 
 
 def init_sharded_params(

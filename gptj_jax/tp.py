@@ -187,6 +187,15 @@ def _local_logits(
     ) + head["bias"].astype(jnp.float32)  # [b, T, V/mp]
 
 
+# Public names for the per-device pieces (the train step builds its own shard_map loss from them).
+local_logits = _local_logits
+
+
+def shard_map_specs(config: GPTJConfig, mesh: Mesh, rules: sh.Rules = sh.DEFAULT_RULES) -> tuple[Any, P, P]:
+    """(param specs, ``[B, T]`` batch spec, logits spec) for a ``shard_map`` over ``mesh`` (size-1 axes dropped)."""
+    return _specs(config, mesh, rules)
+
+
 def vocab_parallel_cross_entropy(
     logits: Array, labels: Array, tp_axes: Sequence[str], batch_axes: Sequence[str], ignore_index: int = -100
 ) -> Array:

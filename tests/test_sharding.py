@@ -340,6 +340,25 @@ def test_batch_must_split_over_batch_axes():
     sh.check_batch(_abstract_mesh(2, 2, 2), 8)
 
 
+def test_shard_params_names_missing_leaves_and_infers_head():
+    import jax
+
+    from gptj_jax import sharding as sh
+    from gptj_jax.config import GPTJConfig
+    from gptj_jax.model import init_params
+
+    cfg = GPTJConfig(**dict(CONFIG, n_layer=1))
+    params = jax.device_get(init_params(cfg, jax.random.PRNGKey(0)))
+    mesh = sh.make_mesh(devices=jax.devices()[:1])
+    placed = sh.shard_params(params, mesh, cfg)  # head inferred from the keys: causal_lm
+    assert placed["lm_head"]["kernel"].sharding.spec == sh.P("fsdp", "mp")
+    del params["transformer"]["h_0"]["mlp"]
+    with pytest.raises(ValueError, match=r"params \(head 'causal_lm'\) do not match .*missing \[\"\['transformer'\]\['h_0'\]\['mlp'\]"):
+        sh.shard_params(params, mesh, cfg)
+    with pytest.raises(ValueError, match=r"cannot tell the head of params with top-level keys \['foo'\]"):
+        sh.infer_head({"foo": 1})
+
+
 def test_optimizer_state_shardings_mirror_params():
     import jax
     import optax
