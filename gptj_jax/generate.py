@@ -161,17 +161,18 @@ def _record(state: dict, logits: Array, knobs: dict, ctl: dict, spec: SamplingSp
     )  # [R], [R]
     done = state["done"]
     tok = jnp.where(done, ctl["pad_id"], tok)
-    lp = jnp.where(done, 0.0, lp)
     is_eos = jnp.any(tok[:, None] == ctl["eos_ids"][None, :], axis=-1)
     new = dict(
         state,
         tokens=lax.dynamic_update_slice(state["tokens"], tok[:, None], (0, s)),  # [R, N]
-        logprobs=lax.dynamic_update_slice(state["logprobs"], lp[:, None], (0, s)),  # [R, N]
         n_new=state["n_new"] + (~done).astype(jnp.int32),
         done=done | is_eos | (s + 1 >= ctl["max_new"]),
         last=tok,
         step=s + 1,
     )
+    if spec.logprobs:
+        lp = jnp.where(done, 0.0, lp)
+        new["logprobs"] = lax.dynamic_update_slice(state["logprobs"], lp[:, None], (0, s))  # [R, N]
     if spec.repetition_penalty:
         new["seen"] = state["seen"].at[jnp.arange(tok.shape[0]), tok].set(True)
     return new
@@ -199,13 +200,14 @@ def _start(
     state = {
         "cache": cache,
         "tokens": jnp.full((R, new_len), ctl["pad_id"], jnp.int32),
-        "logprobs": jnp.zeros((R, new_len), jnp.float32),
         "n_new": jnp.zeros((R,), jnp.int32),
         "done": ~live,
         "last": jnp.zeros((R,), jnp.int32),
         "step": jnp.zeros((), jnp.int32),
         "keys": keys,
     }
+    if spec.logprobs:
+        state["logprobs"] = jnp.zeros((R, new_len), jnp.float32)
     if spec.repetition_penalty:
         V = config.vocab_size
         seen = jnp.zeros((ids.shape[0], V + 1), bool)
@@ -533,7 +535,7 @@ def _iterate(config, params, ids, mask, lengths, P_in, max_new, min_new, samplin
         keys = prompt_keys(seed, repeats, rows)  # row b*R + r: fold_in(key(seed[b]), r)
     else:
         keys = row_keys(seed, rows)  # row i: fold_in(key(seed), i)
-    spec = sampling.spec(min_new_tokens=min_new > 0 and bool(eos), suppress=suppress)
+    spec = sampling.spec(min_new_tokens=min_new > 0 and bool(eos), suppress=suppress, logprobs=return_logprobs)
     knobs = sampling.knobs()
     eos_arr = np.full((MAX_EOS_IDS,), -1, np.int32)
     eos_arr[: len(eos)] = eos

@@ -141,6 +141,7 @@ class SamplingSpec(NamedTuple):
     repetition_penalty: bool
     min_new_tokens: bool
     suppress: bool
+    logprobs: bool = True  # compute the chosen tokens' log-probabilities (a log-softmax over V per step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +178,7 @@ class SamplingParams:
         if not isinstance(r, (int, float)) or isinstance(r, bool) or not r > 0:
             raise SamplingError(f"repetition_penalty must be > 0, got {r!r}", "repetition_penalty")
 
-    def spec(self, *, min_new_tokens: bool = False, suppress: bool = False) -> SamplingSpec:
+    def spec(self, *, min_new_tokens: bool = False, suppress: bool = False, logprobs: bool = True) -> SamplingSpec:
         """Which processors are on (static)."""
         s = self.do_sample
         return SamplingSpec(
@@ -189,6 +190,7 @@ class SamplingParams:
             repetition_penalty=self.repetition_penalty != 1.0,
             min_new_tokens=min_new_tokens,
             suppress=suppress,
+            logprobs=logprobs,
         )
 
     def knobs(self) -> dict[str, Array]:
@@ -273,7 +275,8 @@ def sample(
     ``processor_inputs`` go to :func:`process_logits`.
 
     Returns ``(tokens [B] int32, logprobs [B] float32)``: the log-probability of each chosen token under
-    the processed distribution it was drawn from (for plain greedy, the model's log-softmax).
+    the processed distribution it was drawn from (for plain greedy, the model's log-softmax); ``None``
+    instead of logprobs when ``spec.logprobs`` is False.
     """
     processed = process_logits(logits, spec, knobs, step=step, **processor_inputs)  # [B, V]
     if spec.do_sample:
@@ -282,6 +285,8 @@ def sample(
     else:
         tokens = jnp.argmax(processed, axis=-1)
     tokens = tokens.astype(jnp.int32)
+    if not spec.logprobs:
+        return tokens, None
     logprobs = jax.nn.log_softmax(processed, axis=-1)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]  # [B]
     return tokens, chosen
