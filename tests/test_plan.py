@@ -70,7 +70,10 @@ def test_inference_plan_matches_analytic_counts(config_file):
     compiled_flops = (prefill["flops_per_device"] + decode["flops_per_device"]) * 8
     assert 0.7 < compiled_flops / plan["flops_analytic"] < 1.4, (compiled_flops, plan["flops_analytic"])
     assert [r["hardware"] for r in plan["fits"]][:2] == ["TPU v2-8", "TPU v3-8"]
-    assert all(r["verdict"] == "fits" for r in plan["fits"])  # a tiny model fits everywhere
+    assert all(r["verdict"] == r["verdict_analytic"] == "fits" for r in plan["fits"])  # a tiny model fits everywhere
+    assert plan["analytic_peak"] == sum(a.values())
+    v48 = next(r for r in plan["fits"] if r["hardware"] == "TPU v4-8")  # 4 devices: need scaled by 8 / 4
+    assert v48["scaled"] and v48["need"] == 2 * plan["peak"]
 
 
 @pytest.mark.slow
