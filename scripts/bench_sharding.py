@@ -133,7 +133,9 @@ def table(results: list[dict], config: dict, batch: int, seq: int, cache_len: in
         "the compiled HLO of one step (AR all-reduce, AG all-gather, RS reduce-scatter, CP collective-permute).",
         "",
         f"Floor: one device's matmul rate measured now, {peak / 1e9:.1f} GFLOP/s "
-        f"(forward = {flops_fwd / 1e9:.2f} GFLOP).",
+        f"(forward = {flops_fwd / 1e9:.2f} GFLOP). Each figure is the best of a few calls; every device count "
+        "runs in its own process, so load from other jobs on the host shifts whole rows: read ratios within "
+        "about 1.5x as noise.",
         "",
         "| devices | mesh | forward impl | forward tok/s | vs 1 device | share of floor | collectives / forward "
         "| decode tok/s | vs 1 device | collectives / decode step |",
