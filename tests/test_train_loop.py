@@ -105,18 +105,23 @@ def test_checkpoint_is_a_flax_checkpoint_and_eval_prints(tmp_path, capsys):
     assert [r["step"] for r in metrics if "loss" in r] == [1, 2, 3, 4, 5]
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time", "mfu"):
         assert key in metrics[-1]
-    assert glob.glob(os.path.join(cfg.model_dir, "tensorboard", "events.out.tfevents.*")) or not _has_tensorboardx()
+    assert glob.glob(os.path.join(cfg.model_dir, "tensorboard", "events.out.tfevents.*")) or not _importable("tensorboardX")
     assert main(["eval", "--model", cfg.model_dir, "--data", cfg.train_set, "--batch-size", "4"]) == 0
     out = capsys.readouterr().out
     assert "loss" in out and "perplexity" in out and "bits per byte" in out
+    if _importable("matplotlib"):
+        sys.path.insert(0, os.path.join(ROOT, "scripts"))
+        from plot_metrics import main as plot_main
+
+        assert plot_main([cfg.model_dir, "--smooth", "2"]) == 0
+        with open(os.path.join(cfg.model_dir, "loss.png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def _has_tensorboardx() -> bool:
-    try:
-        import tensorboardX  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def test_validation_rows(tmp_path):
@@ -221,3 +226,16 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     # and it equals an uninterrupted run
     clean = train(load_train_config(cfg_file, [f"model_dir={tmp_path / 'clean'}"]))
     assert_identical(params_of(summary), params_of(clean))
+
+
+def test_bench_section_replaces_only_training(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from bench_train import write_section
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Convert\nkeep me\n\n## Training\nold\n\n## Sharding\nkeep too\n")
+    write_section(str(doc), "## Training\n\nnew table\n\n")
+    text = doc.read_text()
+    assert "keep me" in text and "keep too" in text and "new table" in text and "old" not in text
+    write_section(str(tmp_path / "fresh.md"), "## Training\n\nt\n")
+    assert (tmp_path / "fresh.md").read_text().startswith("# Benchmarks\n\n## Training")
