@@ -447,7 +447,8 @@ class CheckpointReader:
 
     def iter_tensors(self, names: Optional[Sequence[str]] = None) -> Iterator[tuple[str, np.ndarray]]:
         """Yield ``(name, array)`` one at a time, file by file."""
-        wanted = self.names if names is None else sorted(names, key=self.names.index)
+        order = {n: k for k, n in enumerate(self._file_of)}
+        wanted = self.names if names is None else sorted(names, key=order.__getitem__)
         for name in wanted:
             yield name, self.read(name)
 
@@ -627,6 +628,7 @@ class TorchBinWriter:
             self._pending[k] = {}
 
     def close(self) -> list[str]:
+        """Check every planned tensor was written (all shards saved) and write the index."""
         missing = [n for n, k in self._shard_of.items() if self._remaining[k] and n not in self._pending[k]]
         if missing:
             raise ValueError(f"{len(missing)} planned tensors were never written, e.g. {missing[0]!r}")

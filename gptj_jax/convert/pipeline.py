@@ -11,6 +11,7 @@ dtype, as orbax writes a whole tree.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import os
@@ -78,7 +79,7 @@ def detect_format(path: PathLike) -> str:
 
 
 # ====================================================================================== sources
-class Source:
+class Source(abc.ABC):
     """HF-named, HF-layout tensors from a checkpoint. ``names`` is the cheap read order."""
 
     format: str
@@ -90,20 +91,22 @@ class Source:
     def shape(self, name: str) -> tuple[int, ...]:
         return table.expected_shapes(self.config, self.head)[name]
 
+    @abc.abstractmethod
     def dtype(self, name: str) -> np.dtype:
-        raise NotImplementedError
+        """The stored dtype of tensor ``name``."""
 
+    @abc.abstractmethod
     def read(self, name: str) -> np.ndarray:
         """One tensor, any order (HF layout, stored dtype)."""
-        raise NotImplementedError
 
     def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """All tensors in :attr:`names` order, one at a time."""
         for name in self.names:
             yield name, self.read(name)
 
+    @abc.abstractmethod
     def close(self) -> None:
-        pass
+        """Release open files."""
 
 
 class HFSource(Source):
@@ -154,6 +157,9 @@ class FlaxSource(Source):
         for p, array in self.reader.iter_leaves():
             name, transform = table.ours_to_hf(p)
             yield name, table.apply_transform(array, transform, contiguous=True)
+
+    def close(self) -> None:
+        """Nothing stays open: each orbax restore opens and closes the item."""
 
 
 class MtjSource(Source):
