@@ -238,6 +238,49 @@ def test_each_process_feeds_and_reads_only_its_part(run, shape):
             assert 0.45 * ref["param_bytes"] < n < 0.6 * ref["param_bytes"], (read, ref["param_bytes"])
 
 
+# ============================================================================ flags (in-process)
+def test_distributed_flags_and_detection():
+    import argparse
+
+    from gptj_jax import distributed
+
+    parser = argparse.ArgumentParser()
+    distributed.add_distributed_args(parser)
+    args = parser.parse_args([])
+    assert args.distributed == "auto" and args.coordinator_address is None
+    assert distributed.detect_multiprocess({}) is None
+    assert distributed.detect_multiprocess({"TPU_WORKER_HOSTNAMES": "host-0"}) is None  # a single TPU VM
+    assert distributed.detect_multiprocess({"TPU_WORKER_HOSTNAMES": "h0,h1,h2,h3"}) == "TPU_WORKER_HOSTNAMES"
+    assert distributed.detect_multiprocess({"SLURM_NTASKS": "2"}) == "SLURM_NTASKS"
+    assert distributed.detect_multiprocess({"OMPI_COMM_WORLD_SIZE": "1"}) is None
+    with pytest.MonkeyPatch.context() as mp:  # nothing in this environment says "several processes"
+        for var in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS",
+                    "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+            mp.delenv(var, raising=False)
+        assert distributed.maybe_initialize(args) is False
+        assert distributed.maybe_initialize(parser.parse_args(["--distributed", "off"])) is False
+    with pytest.raises(ValueError, match="--distributed off contradicts"):
+        distributed.maybe_initialize(parser.parse_args(["--distributed", "off", "--num-processes", "2"]))
+    with pytest.raises(ValueError, match="pass --coordinator-address, --num-processes and --process-id together"):
+        distributed.initialize(coordinator_address="127.0.0.1:1", num_processes=2)
+    with pytest.raises(ValueError, match=r"--process-id 2 is not in 0..1"):
+        distributed.initialize("127.0.0.1:1", num_processes=2, process_id=2)
+
+
+def test_process_rows_on_one_process():
+    import jax
+
+    from gptj_jax import distributed
+    from gptj_jax import sharding as sh
+
+    mesh = sh.make_mesh(devices=jax.devices()[:1])
+    assert distributed.process_rows(mesh, 8) == (0, 8)
+    batch = distributed.global_batch(mesh, np.arange(16).reshape(8, 2), 8)
+    assert batch.shape == (8, 2) and np.array_equal(np.asarray(batch), np.arange(16).reshape(8, 2))
+    with pytest.raises(ValueError, match=r"must supply rows 0..8 \(8 rows\) of the 8-row batch, got 4"):
+        distributed.global_batch(mesh, np.zeros((4, 2)), 8)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "worker":
         worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
