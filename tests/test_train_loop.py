@@ -124,10 +124,12 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def test_validation_rows(tmp_path):
+def test_validation_rows_bf16_compute_remat(tmp_path):
+    """val_<name>_loss rows every val_every steps; bfloat16 compute with remat keeps float32 master params."""
     val = synthetic_data(str(tmp_path / "val"), n=8, seed=1)
-    cfg = make_cfg(tmp_path, f"val_set.held={val}", "val_every=2", "val_batches=1")
-    train(cfg)
+    cfg = make_cfg(tmp_path, f"val_set.held={val}", "val_every=2", "val_batches=1", "dtype=bfloat16", "remat=full")
+    summary = train(cfg)
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(summary["final_params"]))
     rows = [r for r in read_metrics(cfg.model_dir) if "val_held_loss" in r]
     assert [r["step"] for r in rows] == [2, 4]
     assert rows[1]["val_held_ppl"] == pytest.approx(np.exp(rows[1]["val_held_loss"]))
