@@ -49,7 +49,7 @@ def hf_model(config: GPTJConfig, head: str = "causal_lm", seed: int = 0, scale: 
     model = getattr(transformers, HF_CLASSES[head])(hf_config(config)).eval()
     if scale != 1.0:
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for p in model.parameters():
                 if p.ndim == 2:
                     p.mul_(scale)
     # Random LayerNorm and bias values, so the tests see them (HF inits them to ones and zeros).
