@@ -31,6 +31,22 @@ class ConfigError(ValueError):
     """A config value is missing, of the wrong type, or inconsistent with another one."""
 
 
+def read_json_config(path: Union[str, os.PathLike]) -> tuple[str, dict]:
+    """``(file, dict)`` of a JSON config: the file itself, or ``config.json`` in a directory."""
+    path = os.fspath(path)
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no config.json at {path}")
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return file, data
+
+
 @dataclasses.dataclass(frozen=True)
 class GPTJConfig:
     """Hyper-parameters of GPT-J; defaults are EleutherAI/gpt-j-6B's (and transformers').
@@ -211,17 +227,7 @@ class GPTJConfig:
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike]) -> "GPTJConfig":
         """Read an HF ``config.json`` (the file itself, or the directory holding it)."""
-        path = os.fspath(path)
-        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"no config.json at {path}")
-        try:
-            with open(file, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{file}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file}: expected a JSON object, got {type(data).__name__}")
+        file, data = read_json_config(path)
         return cls.from_dict(data, source=file)
 
     def save_pretrained(

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
-from gptj_jax.config import ConfigError, GPTJConfig
+from gptj_jax.config import GPTJConfig, read_json_config
 from gptj_jax.convert import flax as flax_ckpt
 from gptj_jax.convert import mtj, table
 from gptj_jax.convert.errors import CheckpointError
@@ -38,17 +37,7 @@ def load_config(path: PathLike) -> tuple[GPTJConfig, Optional[int]]:
 
     A directory means its ``config.json``. The mtj kind is recognised by ``d_model`` / ``layers``.
     """
-    path = os.fspath(path)
-    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{file}: config file does not exist")
-    try:
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file}: expected a JSON object")
+    file, data = read_json_config(path)
     if mtj.is_mtj_config(data):
         return mtj.config_from_mtj(data, source=file)
     return GPTJConfig.from_dict(data, source=file), None
