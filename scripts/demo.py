@@ -49,7 +49,10 @@ def main(overrides: list[str]) -> int:
     # 2. train (resumes if out/demo/run has checkpoints)
     print(f"== train {cfg.name}: {cfg.total_steps} steps")
     summary = train(cfg)
-    print(f"   step {summary['step']}, last loss {summary['loss']}")
+    if summary["loss"] is None:
+        print(f"   already at step {summary['step']} (delete {out} to train again)")
+    else:
+        print(f"   step {summary['step']}, last loss {summary['loss']:.4f}")
 
     # 3. convert the run's newest checkpoint to a Hugging Face directory, as `gptj-jax convert` does
     from gptj_jax.convert.pipeline import convert
