@@ -80,7 +80,7 @@ def layout_of(mesh: Mesh, rules: sh.Rules = sh.DEFAULT_RULES) -> Layout:
     return Layout(tp=keep(targets["heads"]), batch=keep(batch))
 
 
-def _specs(config: GPTJConfig, mesh: Mesh, rules: sh.Rules) -> tuple[Any, P, P]:
+def shard_map_specs(config: GPTJConfig, mesh: Mesh, rules: sh.Rules = sh.DEFAULT_RULES) -> tuple[Any, P, P]:
     """(param specs, batch spec, logits spec) for the shard_map path, without size-1 mesh axes."""
     strip = lambda spec: sh.drop_trivial_axes(spec, mesh)
     params = jax.tree.map(strip, sh.param_specs(config, "causal_lm", rules), is_leaf=lambda x: isinstance(x, P))
@@ -163,7 +163,7 @@ def _block(
     return _psum(attn + ff, layout.tp) + m["fc_out"]["bias"].astype(dtype) + x
 
 
-def _local_logits(
+def local_logits(
     config: GPTJConfig, params: Any, logical: Any, specs: Any,
     ids: Array, mask: Array, pos: Array, layout: Layout, dtype: Any,
 ) -> Array:
@@ -185,15 +185,6 @@ def _local_logits(
     return lax.dot_general(
         h, head["kernel"].astype(jnp.float32), (((2,), (0,)), ((), ())), preferred_element_type=jnp.float32
     ) + head["bias"].astype(jnp.float32)  # [b, T, V/mp]
-
-
-# Public names for the per-device pieces (the train step builds its own shard_map loss from them).
-local_logits = _local_logits
-
-
-def shard_map_specs(config: GPTJConfig, mesh: Mesh, rules: sh.Rules = sh.DEFAULT_RULES) -> tuple[Any, P, P]:
-    """(param specs, ``[B, T]`` batch spec, logits spec) for a ``shard_map`` over ``mesh`` (size-1 axes dropped)."""
-    return _specs(config, mesh, rules)
 
 
 def vocab_parallel_cross_entropy(
@@ -264,8 +255,8 @@ def _make_forward(config: GPTJConfig, mesh: Mesh, impl: str, dtype: Any, rules: 
 
     layout = layout_of(mesh, rules)
     logical = logical_axes(config, "causal_lm")
-    specs, batch_spec, logits_spec = _specs(config, mesh, rules)
-    local = functools.partial(_local_logits, config, logical=logical, specs=specs, layout=layout, dtype=dtype)
+    specs, batch_spec, logits_spec = shard_map_specs(config, mesh, rules)
+    local = functools.partial(local_logits, config, logical=logical, specs=specs, layout=layout, dtype=dtype)
     mapped = jax.shard_map(
         lambda params, ids, mask, pos: local(params, ids=ids, mask=mask, pos=pos),
         mesh=mesh,
@@ -308,10 +299,10 @@ def _make_loss(config: GPTJConfig, mesh: Mesh, impl: str, dtype: Any, rules: sh.
 
     layout = layout_of(mesh, rules)
     logical = logical_axes(config, "causal_lm")
-    specs, batch_spec, _ = _specs(config, mesh, rules)
+    specs, batch_spec, _ = shard_map_specs(config, mesh, rules)
 
     def local(params, ids, labels, mask, pos):
-        logits = _local_logits(config, params, logical, specs, ids, mask, pos, layout, dtype)
+        logits = local_logits(config, params, logical, specs, ids, mask, pos, layout, dtype)
         return vocab_parallel_cross_entropy(logits, labels, layout.tp, layout.batch)
 
     mapped = jax.shard_map(

@@ -115,12 +115,12 @@ def make_loss_fn(cfg: StepConfig, mesh: Mesh) -> Callable[[Any, Array, Array], t
         raise ValueError(f"forward=shard_map does not rematerialise (remat={cfg.remat!r}): use remat=none or forward=gspmd")
     layout = tpmod.layout_of(mesh)
     logical = logical_axes(cfg.model, "causal_lm")
-    specs, batch_spec, _ = tpmod._specs(cfg.model, mesh, sh.DEFAULT_RULES)
+    specs, batch_spec, _ = tpmod.shard_map_specs(cfg.model, mesh, sh.DEFAULT_RULES)
 
     def local(params, inputs, targets):  # per device: inputs / targets [b_local, T]
         ones = jnp.ones(inputs.shape, jnp.int32)
         pos = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
-        logits = tpmod._local_logits(cfg.model, params, logical, specs, inputs, ones, pos, layout, dtype)
+        logits = tpmod.local_logits(cfg.model, params, logical, specs, inputs, ones, pos, layout, dtype)
         ce, z = _vocab_parallel_losses(logits, targets, layout.tp, cfg.z_loss)
         n = jnp.float32(ce.size)
         sums = jnp.stack([jnp.sum(ce), jnp.sum(z), n])
