@@ -14,21 +14,7 @@ import argparse
 import math
 from typing import Any
 
-
-def _distributed(parser: argparse.ArgumentParser) -> None:
-    try:
-        from gptj_jax.distributed import add_distributed_args
-    except ImportError:  # single-host installs before distributed.py existed
-        return
-    add_distributed_args(parser)
-
-
-def _maybe_initialize(args: argparse.Namespace) -> None:
-    try:
-        from gptj_jax.distributed import maybe_initialize
-    except ImportError:
-        return
-    maybe_initialize(args)
+from gptj_jax.distributed import add_distributed_args, maybe_initialize
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -36,11 +22,11 @@ def add_train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="training config, JSON or YAML (mesh-transformer-jax keys work; see docs/training.md)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="override config keys, e.g. total_steps=100 lr=3e-5 val_set.pile=out/val")
-    _distributed(p)
+    add_distributed_args(p)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    _maybe_initialize(args)
+    maybe_initialize(args)
     from gptj_jax.train.config import load_train_config
     from gptj_jax.train.loop import train
 
@@ -90,7 +76,7 @@ def add_eval_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches per data dir")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="compute dtype")
     p.add_argument("--mesh", default=None, help="mesh, e.g. 'dp=-1,mp=8' (default: all devices data-parallel)")
-    _distributed(p)
+    add_distributed_args(p)
 
 
 def evaluate_checkpoint(model: str, data_dirs: list[str], batch_size: int = 8, max_batches: Any = None,
@@ -131,7 +117,7 @@ def evaluate_checkpoint(model: str, data_dirs: list[str], batch_size: int = 8, m
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    _maybe_initialize(args)
+    maybe_initialize(args)
     results = evaluate_checkpoint(args.model, args.data, args.batch_size, args.max_batches, args.dtype, args.mesh,
                                   args.config)
     for r in results:
