@@ -95,13 +95,16 @@ def enable_compilation_cache(directory: Optional[str] = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------- model steps
+CACHE_LAYOUT = "BNSH"  # K/V [B, N, S, H]: no per-step transpose of the cache (see cache.py)
+
+
 def _model(config: GPTJConfig, dtype: Any) -> GPTJForCausalLM:
-    return GPTJForCausalLM(config, dtype=dtype)
+    return GPTJForCausalLM(config, dtype=dtype, cache_layout=CACHE_LAYOUT)
 
 
 def _prefill(params: Params, tokens: Array, mask: Array, config: GPTJConfig, cache_len: int, dtype: Any):
     """tokens, mask ``[B, P]`` -> (logits at the last position ``[B, V]`` float32, cache with ``cache_len`` slots)."""
-    cache = init_cache(config, tokens.shape[0], cache_len, dtype)
+    cache = init_cache(config, tokens.shape[0], cache_len, dtype, layout=CACHE_LAYOUT)
     out = _model(config, dtype).apply(
         {"params": params}, tokens, attention_mask=mask, cache=cache, logits_to_keep=1
     )
@@ -122,7 +125,8 @@ def prefill(
 
     tokens, attention_mask ``[B, P]`` (1 = real token; pads on the left). Returns the logits of the last
     position ``[B, V]`` float32 (the LM head runs only there) and a cache with ``cache_len >= P`` slots,
-    of which the first ``P`` are filled. Positions are ``cumsum(mask) - 1`` per row.
+    of which the first ``P`` are filled, K/V in the ``BNSH`` layout (``[B, N, S, H]``). Positions are
+    ``cumsum(mask) - 1`` per row.
     """
     TRACE_COUNTS["prefill"] += 1
     if cache_len < tokens.shape[1]:
@@ -193,9 +197,7 @@ def _start(
     logits, cache = _prefill(params, ids, mask, config, cache_len, dtype)  # [B, V]
     logits, cache = _repeat_rows((logits, cache), repeats)
     if mesh is not None:
-        from .sharding import cache_shardings
-
-        cache = lax.with_sharding_constraint(cache, cache_shardings(config, mesh, cache))
+        cache = lax.with_sharding_constraint(cache, _cache_shardings(mesh, cache))
     R = logits.shape[0]
     state = {
         "cache": cache,
@@ -214,6 +216,22 @@ def _start(
         seen = seen.at[jnp.arange(ids.shape[0])[:, None], jnp.where(mask > 0, ids, V)].set(True)[:, :V]
         state["seen"] = _repeat_rows(seen, repeats)  # [R, V]
     return _record(state, logits, knobs, ctl, spec)
+
+
+def _cache_shardings(mesh: Any, cache: Cache) -> Any:
+    """Shardings of a ``BNSH`` cache: rows over the batch axes, heads over ``mp`` (``sharding``'s rules)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from .sharding import logical_sharding
+
+    kv = logical_sharding(mesh, ("batch", "heads", "cache_length", "head_dim"))
+    return {
+        "layers": [{name: kv for name in layer} for layer in cache["layers"]],
+        "mask": logical_sharding(mesh, ("batch", "cache_length")),
+        "index": NamedSharding(mesh, P()),
+        "lengths": logical_sharding(mesh, ("batch",)),
+    }
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "spec"), donate_argnames=("state",))

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from .cache import Cache
+from .cache import Cache, check_cache_layout
 from .config import GPTJConfig
 
 Array = jax.Array
@@ -127,9 +127,13 @@ def apply_rotary(x: Array, sin: Array, cos: Array) -> Array:
 
 # ---------------------------------------------------------------------------------------- layers
 class GPTJAttention(nn.Module):
+    """Causal self-attention. ``cache_layout`` is the layout of the K/V cache (see ``cache.py``):
+    ``"BSNH"`` (``[B, S, N, H]``) or ``"BNSH"`` (``[B, N, S, H]``, heads first, what ``generate`` uses)."""
+
     config: GPTJConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    cache_layout: str = "BSNH"
 
     @nn.compact
     def __call__(
@@ -138,7 +142,7 @@ class GPTJAttention(nn.Module):
         sin: Array,  # [B, T, R/2]
         cos: Array,
         allowed: Array,  # [B, T, S] bool
-        layer_cache: Optional[dict[str, Array]],  # {"k","v": [B, S, N, H]}
+        layer_cache: Optional[dict[str, Array]],  # {"k","v": [B, S, N, H] or [B, N, S, H]} (cache_layout)
         cache_index: Optional[Array],  # [] int32: slot of the first new token
         deterministic: bool,
     ) -> tuple[Array, Optional[dict[str, Array]], Array]:
@@ -159,18 +163,31 @@ class GPTJAttention(nn.Module):
         k = apply_rotary(k.astype(jnp.float32), sin, cos).astype(self.dtype)
 
         new_cache = None
-        if layer_cache is not None:
-            k = lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
-            v = lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
-            new_cache = {"k": k, "v": v}  # [B, S, N, H]
+        heads_first = layer_cache is not None and self.cache_layout == "BNSH"
+        if heads_first:
+            # [B, N, S, H]: the attention dots have their batch axes (B, N) leading, so XLA does not
+            # transpose the whole cache every step (it must with [B, S, N, H]).
+            kt = jnp.swapaxes(k, 1, 2).astype(layer_cache["k"].dtype)  # [B, N, T, H]
+            vt = jnp.swapaxes(v, 1, 2).astype(layer_cache["v"].dtype)
+            k = lax.dynamic_update_slice(layer_cache["k"], kt, (0, 0, cache_index, 0))  # [B, N, S, H]
+            v = lax.dynamic_update_slice(layer_cache["v"], vt, (0, 0, cache_index, 0))
+            new_cache = {"k": k, "v": v}
             k, v = k.astype(self.dtype), v.astype(self.dtype)
-
-        scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
+            # k first: its minor axis (H) is the contracted one, so it feeds the dot as stored.
+            scores = jnp.einsum("BNSH,BTNH->BNTS", k, q, preferred_element_type=jnp.float32)
+        else:
+            if layer_cache is not None:
+                k = lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
+                v = lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
+                new_cache = {"k": k, "v": v}  # [B, S, N, H]
+                k, v = k.astype(self.dtype), v.astype(self.dtype)
+            scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
         scores = scores * jnp.float32(H**-0.5)
         scores = jnp.where(allowed[:, None, :, :], scores, MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1)  # [B, N, T, S] float32
         probs_d = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic)
-        out = jnp.einsum("BNTS,BSNH->BTNH", probs_d.astype(self.dtype), v).reshape(B, T, N * H)
+        pv = "BNTS,BNSH->BTNH" if heads_first else "BNTS,BSNH->BTNH"
+        out = jnp.einsum(pv, probs_d.astype(self.dtype), v).reshape(B, T, N * H)
         out = nn.Dense(
             cfg.n_embd, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=_init(cfg, ("heads", "embed")), name="out_proj",
@@ -212,11 +229,14 @@ class GPTJBlock(nn.Module):
     config: GPTJConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    cache_layout: str = "BSNH"
 
     @nn.compact
     def __call__(self, x, sin, cos, allowed, layer_cache, cache_index, deterministic: bool = True):
         h = _layer_norm(self.config, self.param_dtype, "ln_1")(x.astype(jnp.float32)).astype(self.dtype)
-        attn_out, new_cache, probs = GPTJAttention(self.config, self.dtype, self.param_dtype, name="attn")(
+        attn_out, new_cache, probs = GPTJAttention(
+            self.config, self.dtype, self.param_dtype, self.cache_layout, name="attn"
+        )(
             h, sin, cos, allowed, layer_cache, cache_index, deterministic
         )
         ff = GPTJMLP(self.config, self.dtype, self.param_dtype, name="mlp")(h, deterministic)
@@ -228,13 +248,15 @@ class GPTJModel(nn.Module):
     """The GPT-J trunk: embedding, ``n_layer`` blocks, final LayerNorm.
 
     ``remat_policy`` (``none``, ``full``, ``dots``, ``dots_no_batch``) rematerialises each block in the
-    backward pass; it changes memory and speed, not results.
+    backward pass; it changes memory and speed, not results. ``cache_layout`` (``BSNH`` or ``BNSH``) is
+    the K/V layout of the ``cache`` passed in (``cache.init_cache(..., layout=)``).
     """
 
     config: GPTJConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
+    cache_layout: str = "BSNH"
 
     @nn.compact
     def __call__(
@@ -272,6 +294,7 @@ class GPTJModel(nn.Module):
             cache_index, offsets = None, jnp.zeros((B,), jnp.int32)
             q_slots, k_slots = jnp.arange(T), jnp.arange(T)
         else:
+            check_cache_layout(cfg, cache, self.cache_layout)
             cache_index = cache["index"]
             key_mask = lax.dynamic_update_slice(cache["mask"], attention_mask.astype(bool), (0, cache_index))
             offsets = cache["lengths"]
@@ -292,7 +315,7 @@ class GPTJModel(nn.Module):
             if output_hidden_states:
                 hidden_states.append(x)
             layer_cache = cache["layers"][i] if cache is not None else None
-            x, layer_new, probs = block_cls(cfg, self.dtype, self.param_dtype, name=f"h_{i}")(
+            x, layer_new, probs = block_cls(cfg, self.dtype, self.param_dtype, self.cache_layout, name=f"h_{i}")(
                 x, sin, cos, allowed, layer_cache, cache_index, deterministic
             )
             new_layers.append(layer_new)
@@ -341,12 +364,13 @@ def causal_lm_loss(logits: Array, labels: Array) -> Array:
 
 class GPTJForCausalLM(nn.Module):
     """GPT-J with its (untied, biased) LM head. ``logits_to_keep=k > 0`` computes logits for the last k
-    positions only (prefill needs just the last one)."""
+    positions only (prefill needs just the last one). ``cache_layout``: see ``GPTJModel``."""
 
     config: GPTJConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
+    cache_layout: str = "BSNH"
 
     @nn.compact
     def __call__(
@@ -363,7 +387,9 @@ class GPTJForCausalLM(nn.Module):
         output_attentions: bool = False,
         logits_to_keep: int = 0,
     ) -> CausalLMOutput:
-        out = GPTJModel(self.config, self.dtype, self.param_dtype, self.remat_policy, name="transformer")(
+        out = GPTJModel(
+            self.config, self.dtype, self.param_dtype, self.remat_policy, self.cache_layout, name="transformer"
+        )(
             input_ids, attention_mask, position_ids, token_type_ids, inputs_embeds, cache,
             deterministic, output_hidden_states, output_attentions,
         )

@@ -156,6 +156,30 @@ def test_decode_logits_equal_full_forward_at_every_step(tiny):
     np.testing.assert_allclose(out.logprobs, want, atol=1e-4)
 
 
+def test_cache_layouts_agree(tiny):
+    """Cached decoding gives the same logits with K/V [B, S, N, H] and [B, N, S, H]; a cache in the
+    wrong layout for the model is an error."""
+    from gptj_jax.cache import init_cache
+
+    _, params = tiny
+    ids, mask, _ = left_padded_batch(TINY.vocab_size, [6, 3], seed=8)
+    B, P = ids.shape
+    outs = {}
+    for layout in ("BSNH", "BNSH"):
+        model = GPTJForCausalLM(TINY, cache_layout=layout)
+        cache = init_cache(TINY, B, P + 3, layout=layout)
+        out = model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask), cache=cache)
+        step = model.apply({"params": params}, jnp.asarray(ids[:, -1:]), cache=out.cache)
+        outs[layout] = (np.asarray(out.logits), np.asarray(step.logits))
+        assert step.cache["layers"][0]["k"].shape == ((B, P + 3, 4, 8) if layout == "BSNH" else (B, 4, P + 3, 8))
+    for a, b in zip(outs["BSNH"], outs["BNSH"]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="not the BNSH layout"):
+        GPTJForCausalLM(TINY, cache_layout="BNSH").apply(
+            {"params": params}, jnp.asarray(ids), cache=init_cache(TINY, B, P + 3, layout="BSNH")
+        )
+
+
 # ============================================================================ compile counting
 def test_second_call_in_same_bucket_does_not_retrace(tiny):
     _, params = tiny
