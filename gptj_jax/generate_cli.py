@@ -63,6 +63,10 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         help="JAX persistent compilation cache (default dir: $GPTJ_JAX_COMPILATION_CACHE or ~/.cache/gptj_jax/xla)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
+    p.add_argument(
+        "--mesh", metavar="dp=A,fsdp=B,mp=C", default=None,
+        help="shard params and KV cache over this process's devices (e.g. mp=8 on a TPU v2-8); default: one device",
+    )
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -234,11 +238,20 @@ def run_generate(args: argparse.Namespace) -> int:
     common = dict(
         max_new_tokens=max_new, min_new_tokens=args.min_new_tokens, **sampling,
         eos_token_id=[] if args.no_eos else args.eos_token_id, stop_strings=args.stop or None,
-        num_return_sequences=args.num_return_sequences, tokenizer=tokenizer,
+        num_return_sequences=args.num_return_sequences, tokenizer=tokenizer, mesh=_mesh(args.mesh),
     )
     if args.input is not None:
         return _run_batch(args, config, params, tokenizer, items, common)
     return _run_single(args, config, params, tokenizer, ids, common)
+
+
+def _mesh(text: Optional[str]):
+    """The ``--mesh`` flag as a ``jax.sharding.Mesh`` (None: single device)."""
+    if text is None:
+        return None
+    from gptj_jax.sharding import mesh_from_string
+
+    return mesh_from_string(text)
 
 
 def _run_single(args, config, params, tokenizer, ids: list[int], common: dict) -> int:

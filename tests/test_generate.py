@@ -446,3 +446,21 @@ def test_mesh_matches_one_device():
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["one"] == res["mesh"]
+
+
+def test_cli_mesh_flag_gives_the_same_text(capsys, model_dir):
+    """`--mesh mp=2` on two simulated devices prints what one device prints (greedy)."""
+    rc, single, _ = _cli(capsys, "--model", model_dir, "--prompt", "Hello world", "--max-new-tokens", "8", "--quiet")
+    assert rc == 0
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    script = (
+        "import sys; from gptj_jax.cli import main; "
+        f"sys.exit(main(['generate', '--model', {model_dir!r}, '--prompt', 'Hello world', "
+        "'--max-new-tokens', '8', '--quiet', '--mesh', 'mp=2']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == single
+    bad = subprocess.run([sys.executable, "-c", script.replace("mp=2", "mp=3")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert bad.returncode == 1 and "mp=3" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
