@@ -234,9 +234,10 @@ def main() -> int:
         print(rows[-1], file=sys.stderr)
 
     load_after = os.getloadavg()[0]
-    print(f"\nload average (1 min) {load_before:.1f} before, {load_after:.1f} after the run on "
-          f"{os.cpu_count()} cores" + ("  -- other jobs were running: figures are contaminated"
-                                       if max(load_before, load_after) > 1.5 else ""))
+    # This run itself keeps about 2 threads busy, so only the load before it says whether others were running.
+    print(f"\nload average (1 min) {load_before:.1f} before the run, {load_after:.1f} after it (this run adds "
+          f"about 2) on {os.cpu_count()} cores" + ("  -- other jobs were running: figures are contaminated"
+                                                  if load_before > 1.0 else ""))
     print(f"\nGPT-J {n_params / 1e6:.0f}M params ({os.path.basename(args.config)}), float32 unless marked; "
           f"jax {jax.__version__}, torch {torch.__version__}, {os.cpu_count()} CPU cores; "
           f"memory bandwidth {bandwidth / 1e9:.1f} GB/s, XLA matmul {peak / 1e9:.0f} GFLOP/s (measured here); "
