@@ -95,56 +95,62 @@ def enable_compilation_cache(directory: Optional[str] = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------- model steps
-CACHE_LAYOUT = "BNSH"  # K/V [B, N, S, H]: no per-step transpose of the cache (see cache.py)
+CACHE_LAYOUT = "BNSH"  # what generate uses: K/V [B, N, S, H], no per-step transpose of the cache (cache.py)
 
 
-def _model(config: GPTJConfig, dtype: Any) -> GPTJForCausalLM:
-    return GPTJForCausalLM(config, dtype=dtype, cache_layout=CACHE_LAYOUT)
+def _model(config: GPTJConfig, dtype: Any, layout: str) -> GPTJForCausalLM:
+    return GPTJForCausalLM(config, dtype=dtype, cache_layout=layout)
 
 
-def _prefill(params: Params, tokens: Array, mask: Array, config: GPTJConfig, cache_len: int, dtype: Any):
+def _prefill(params: Params, tokens: Array, mask: Array, config: GPTJConfig, cache_len: int, dtype: Any,
+             layout: str = CACHE_LAYOUT):
     """tokens, mask ``[B, P]`` -> (logits at the last position ``[B, V]`` float32, cache with ``cache_len`` slots)."""
-    cache = init_cache(config, tokens.shape[0], cache_len, dtype, layout=CACHE_LAYOUT)
-    out = _model(config, dtype).apply(
+    cache = init_cache(config, tokens.shape[0], cache_len, dtype, layout=layout)
+    out = _model(config, dtype, layout).apply(
         {"params": params}, tokens, attention_mask=mask, cache=cache, logits_to_keep=1
     )
     return out.logits[:, -1], out.cache
 
 
-def _forward_one(params: Params, cache: Cache, tokens: Array, config: GPTJConfig, dtype: Any):
+def _forward_one(params: Params, cache: Cache, tokens: Array, config: GPTJConfig, dtype: Any,
+                 layout: str = CACHE_LAYOUT):
     """tokens ``[B]`` at the next slot of every row -> (logits ``[B, V]`` float32, cache)."""
-    out = _model(config, dtype).apply({"params": params}, tokens[:, None], cache=cache)
+    out = _model(config, dtype, layout).apply({"params": params}, tokens[:, None], cache=cache)
     return out.logits[:, 0], out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_len", "dtype"))
+@functools.partial(jax.jit, static_argnames=("config", "cache_len", "dtype", "cache_layout"))
 def prefill(
-    params: Params, tokens: Array, attention_mask: Array, *, config: GPTJConfig, cache_len: int, dtype: Any = jnp.float32
+    params: Params, tokens: Array, attention_mask: Array, *, config: GPTJConfig, cache_len: int,
+    dtype: Any = jnp.float32, cache_layout: str = "BSNH",
 ) -> tuple[Array, Cache]:
     """Run a left-padded prompt batch into a new cache.
 
     tokens, attention_mask ``[B, P]`` (1 = real token; pads on the left). Returns the logits of the last
     position ``[B, V]`` float32 (the LM head runs only there) and a cache with ``cache_len >= P`` slots,
-    of which the first ``P`` are filled, K/V in the ``BNSH`` layout (``[B, N, S, H]``). Positions are
-    ``cumsum(mask) - 1`` per row.
+    of which the first ``P`` are filled, K/V in ``cache_layout`` (``"BSNH"``, the model's default and
+    what ``sharding.cache_shardings`` describes, or ``"BNSH"``, faster on CPU; see ``cache.py``).
+    Positions are ``cumsum(mask) - 1`` per row.
     """
     TRACE_COUNTS["prefill"] += 1
     if cache_len < tokens.shape[1]:
         raise GenerationError(f"cache_len {cache_len} is shorter than the prompt ({tokens.shape[1]} tokens)")
-    return _prefill(params, tokens, attention_mask, config, cache_len, dtype)
+    return _prefill(params, tokens, attention_mask, config, cache_len, dtype, cache_layout)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "cache_layout"), donate_argnames=("cache",))
 def decode_step(
-    params: Params, cache: Cache, tokens: Array, *, config: GPTJConfig, dtype: Any = jnp.float32
+    params: Params, cache: Cache, tokens: Array, *, config: GPTJConfig, dtype: Any = jnp.float32,
+    cache_layout: str = "BSNH",
 ) -> tuple[Array, Cache]:
     """Feed one token per row (``tokens [B]`` int) and return its logits ``[B, V]`` float32 and the cache.
 
-    The cache is donated: its buffers are updated in place and the argument must not be used afterwards.
-    The caller keeps ``cache["index"] < S`` (a full cache would be overwritten silently).
+    The cache (in ``cache_layout``, as ``prefill`` made it) is donated: its buffers are updated in place
+    and the argument must not be used afterwards. The caller keeps ``cache["index"] < S`` (a full cache
+    would be overwritten silently).
     """
     TRACE_COUNTS["decode_step"] += 1
-    return _forward_one(params, cache, tokens, config, dtype)
+    return _forward_one(params, cache, tokens, config, dtype, cache_layout)
 
 
 # ---------------------------------------------------------------------------------------- the loop

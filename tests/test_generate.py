@@ -144,13 +144,16 @@ def test_decode_logits_equal_full_forward_at_every_step(tiny):
     full = GPTJForCausalLM(TINY).apply({"params": params}, jnp.asarray(seq), attention_mask=jnp.asarray(seq_mask))
     ref = np.asarray(full.logits[:, P - 1: P - 1 + steps])  # [B, steps, V]: logits that chose new token t
 
-    logits, cache = prefill(params, jnp.asarray(ids), jnp.asarray(mask), config=TINY, cache_len=P + steps)
-    worst = 0.0
-    for t in range(steps):
-        worst = max(worst, float(np.abs(np.asarray(logits) - ref[:, t]).max()))
-        if t + 1 < steps:
-            logits, cache = decode_step(params, cache, jnp.asarray(seq[:, P + t], jnp.int32), config=TINY)
-    assert worst <= 1e-4, worst
+    for layout in ("BSNH", "BNSH"):
+        logits, cache = prefill(params, jnp.asarray(ids), jnp.asarray(mask), config=TINY, cache_len=P + steps,
+                                cache_layout=layout)
+        worst = 0.0
+        for t in range(steps):
+            worst = max(worst, float(np.abs(np.asarray(logits) - ref[:, t]).max()))
+            if t + 1 < steps:
+                logits, cache = decode_step(params, cache, jnp.asarray(seq[:, P + t], jnp.int32), config=TINY,
+                                            cache_layout=layout)
+        assert worst <= 1e-4, (layout, worst)
     np.testing.assert_array_equal(out.new_tokens, ref.argmax(-1))
     want = np.take_along_axis(np.asarray(jax.nn.log_softmax(ref)), out.new_tokens[..., None], -1)[..., 0]
     np.testing.assert_allclose(out.logprobs, want, atol=1e-4)
