@@ -467,7 +467,7 @@ def iter_generate(
 ) -> Iterator[StreamChunk]:
     """:func:`generate` as an iterator of :class:`StreamChunk` (every ``stream_interval`` decode steps;
     ``None`` = one chunk at the end). The last chunk's ``output`` is the :class:`GenerateOutput`.
-    Arguments are validated before the first chunk is computed (errors raise on the first ``next``).
+    Arguments are validated when this is called, before anything runs on the device.
     """
     # ---- validate everything before touching the device
     if not isinstance(config, GPTJConfig):
