@@ -210,7 +210,7 @@ def _check_type(key: str, value: Any, source: str) -> Any:
             try:
                 value = float(value)
             except ValueError:
-                pass
+                raise TrainConfigError(f"{source}: key {key!r} must be a number, got {value!r} (str)") from None
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif base is str:
