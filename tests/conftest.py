@@ -88,6 +88,18 @@ def left_padded_batch(vocab: int, lengths: list, seed: int = 0):
     return ids, mask, pos
 
 
+def padded_lm_batch(vocab: int, batch: int, length: int, seed: int):
+    """(ids, mask, labels) ``[batch, length]`` int32 with rows left-padded by 0, 3, 0, 5, 1, 0, 7, 2, ...;
+    labels are the ids with pads set to -100."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(0, vocab, (batch, length)).astype(np.int32)
+    mask = np.ones((batch, length), np.int32)
+    for row, pad in zip(range(batch), [0, 3, 0, 5, 1, 0, 7, 2] * (batch // 8 + 1)):
+        mask[row, :pad] = 0
+    labels = np.where(mask == 1, ids, -100).astype(np.int32)
+    return ids, mask, labels
+
+
 @pytest.fixture
 def tiny_config() -> GPTJConfig:
     return TINY

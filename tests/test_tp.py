@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import padded_lm_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 2, 4)]
@@ -29,13 +30,7 @@ B, T = 8, 12
 
 
 def _batch():
-    rng = np.random.RandomState(5)
-    ids = rng.randint(0, CONFIG["vocab_size"], (B, T)).astype(np.int32)
-    mask = np.ones((B, T), np.int32)
-    for row, pad in enumerate([0, 3, 0, 5, 1, 0, 7, 2]):
-        mask[row, :pad] = 0
-    labels = np.where(mask == 1, ids, -100).astype(np.int32)
-    return ids, mask, labels
+    return padded_lm_batch(CONFIG["vocab_size"], B, T, seed=5)
 
 
 def worker() -> dict:

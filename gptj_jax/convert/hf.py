@@ -69,6 +69,17 @@ def check_tensors(
     return names
 
 
+def checked_tensors(reader: CheckpointReader, config: GPTJConfig, path: str) -> tuple[str, list[str]]:
+    """``(head, names to load)`` of an HF checkpoint: the head from its tensor names, every tensor
+    checked against ``config`` (see :func:`check_tensors`); errors name ``path``."""
+    names = [n for n in reader.names if not table.is_ignored_hf(n)]
+    try:
+        head = table.head_of_names(names)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return head, check_tensors(reader, config, head, names)
+
+
 def read_param(
     reader: CheckpointReader, path: str, index: Optional[Index] = None, dtype: Any = None
 ) -> np.ndarray:
@@ -107,12 +118,7 @@ def from_pretrained(
         config = GPTJConfig.from_pretrained(path)
     np_dtype = as_dtype(dtype)
     with CheckpointReader(path) as reader:
-        names = [n for n in reader.names if not table.is_ignored_hf(n)]
-        try:
-            head = table.head_of_names(names)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        names = check_tensors(reader, config, head, names)
+        head, names = checked_tensors(reader, config, path)
         flat: dict[str, Any] = {}
         for name in names:
             our_path, transform = table.hf_to_ours(name)

@@ -23,7 +23,7 @@ from gptj_jax.config import GPTJConfig, read_json_config
 from gptj_jax.convert import flax as flax_ckpt
 from gptj_jax.convert import mtj, table
 from gptj_jax.convert.errors import CheckpointError
-from gptj_jax.convert.hf import check_tensors, make_writer, write_config_files
+from gptj_jax.convert.hf import checked_tensors, make_writer, write_config_files
 from gptj_jax.convert.io import CheckpointReader, as_dtype, dtype_name, has_hf_weights
 from gptj_jax.convert.staging import staged_dir
 
@@ -105,12 +105,7 @@ class HFSource(Source):
         self.path = path
         self.config = config if config is not None else GPTJConfig.from_pretrained(path)
         self.reader = CheckpointReader(path)
-        names = [n for n in self.reader.names if not table.is_ignored_hf(n)]
-        try:
-            self.head = table.head_of_names(names)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        self.names = check_tensors(self.reader, self.config, self.head, names)
+        self.head, self.names = checked_tensors(self.reader, self.config, path)
 
     def dtype(self, name: str) -> np.dtype:
         return self.reader.dtype(name)

@@ -29,7 +29,7 @@ from gptj_jax import sharding as sh
 from gptj_jax.config import GPTJConfig
 from gptj_jax.convert import table
 from gptj_jax.convert.errors import CheckpointError
-from gptj_jax.convert.hf import check_tensors, read_param
+from gptj_jax.convert.hf import checked_tensors, read_param
 from gptj_jax.convert.io import CheckpointReader, as_dtype
 
 PathLike = Union[str, os.PathLike]
@@ -87,12 +87,7 @@ def load_hf_sharded(
     np_dtype = as_dtype(dtype)
     reads, bytes_read, max_read, largest = 0, 0, 0, 0
     with CheckpointReader(path) as reader:
-        names = [n for n in reader.names if not table.is_ignored_hf(n)]
-        try:
-            head = table.head_of_names(names)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        check_tensors(reader, config, head, names)
+        head, names = checked_tensors(reader, config, path)
         shardings = table.flatten(sh.param_shardings(config, mesh, head, rules))
         flat: dict[str, jax.Array] = {}
 
