@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -281,3 +282,215 @@ def test_mtj_source_without_config(sources, tmp_path, capsys):
         [str(tmp_path / "mtj"), str(tmp_path / "dst"), "--to", "hf"], tmp_path / "dst", capsys,
         "mesh-transformer-jax checkpoint carries no config", "--config",
     )
+
+
+# ------------------------------------------------------------------------------------ tied embeddings
+@pytest.fixture(scope="module")
+def tied_source(tmp_path_factory):
+    """A GPTJForCausalLM built with tie_word_embeddings=True, saved by transformers (no lm_head.weight)."""
+    m = hf_model(CONFIG.replace(tie_word_embeddings=True), "causal_lm", seed=9)
+    assert m.lm_head.weight is m.transformer.wte.weight
+    path = tmp_path_factory.mktemp("tied")
+    m.save_pretrained(path)
+    with CheckpointReader(path) as reader:
+        assert "lm_head.weight" not in reader.names
+    return str(path)
+
+
+def _tied_hf_output(path) -> None:
+    assert json.loads((path / "config.json").read_text())["tie_word_embeddings"] is True
+    with CheckpointReader(path) as reader:
+        assert "lm_head.weight" not in reader.names and "lm_head.bias" in reader.names
+
+
+def test_tied_checkpoint_converts_to_flax_hf_and_mtj(tied_source, tmp_path):
+    """HF (tied) -> Flax -> HF and HF -> mtj -> HF: the output is tied again, bit-identical to the source,
+    and transformers gives the source's logits; the source as read for training has lm_head = wte."""
+    from gptj_jax.convert import open_source
+
+    want = hf_logits(tied_source)
+    source = open_source(tied_source)
+    try:
+        tensors = dict(source.iter_tensors())
+    finally:
+        source.close()
+    assert same_bits(tensors["lm_head.weight"], tensors["transformer.wte.weight"])
+
+    convert(tied_source, tmp_path / "flax", to="flax", **QUIET)
+    assert json.loads((tmp_path / "flax" / "config.json").read_text())["tie_word_embeddings"] is True
+    _, params = restore_flax(tmp_path / "flax")
+    assert np.array_equal(np.asarray(params["lm_head"]["kernel"]), np.asarray(params["transformer"]["wte"]["embedding"]).T)
+    convert(tmp_path / "flax", tmp_path / "back", to="hf", **QUIET)
+    _tied_hf_output(tmp_path / "back")
+    assert_dirs_identical(tied_source, str(tmp_path / "back"))
+    assert torch.equal(hf_logits(str(tmp_path / "back")), want)
+
+    convert(tied_source, tmp_path / "mtj", to="mtj", shards=2, **QUIET)
+    convert(tmp_path / "mtj", tmp_path / "from_mtj", to="hf", config=os.path.join(tied_source, "config.json"), **QUIET)
+    _tied_hf_output(tmp_path / "from_mtj")
+    assert_dirs_identical(tied_source, str(tmp_path / "from_mtj"))
+    assert torch.equal(hf_logits(str(tmp_path / "from_mtj")), want)
+
+
+def test_tied_config_with_different_lm_head_writes_both(tied_source, tmp_path):
+    """A Flax checkpoint whose config says tied but whose lm_head differs from wte^T converts to HF with
+    tie_word_embeddings false and both tensors, which transformers loads as stored."""
+    from gptj_jax.convert import save_flax
+
+    config, params = restore_flax(_flax_of(tied_source, tmp_path))
+    params["lm_head"]["kernel"] = np.asarray(params["lm_head"]["kernel"]) + 1.0
+    save_flax(tmp_path / "untied", config, params)
+    assert json.loads((tmp_path / "untied" / "config.json").read_text())["tie_word_embeddings"] is False
+    (tmp_path / "cfg.json").write_text(json.dumps(config.to_hf_dict()))  # a config that says tied
+    convert(tmp_path / "untied", tmp_path / "hf", to="hf", config=tmp_path / "cfg.json", **QUIET)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is False
+    with CheckpointReader(tmp_path / "hf") as reader:
+        assert np.array_equal(reader.read("lm_head.weight"), params["lm_head"]["kernel"].T)
+        assert "transformer.wte.weight" in reader.names
+    hf_logits(str(tmp_path / "hf"))  # loads with no missing or unexpected keys
+
+
+def _flax_of(src: str, tmp_path) -> str:
+    convert(src, tmp_path / "flax", to="flax", **QUIET)
+    return str(tmp_path / "flax")
+
+
+# ---------------------------------------------------------------------------------- SRC / DST / --shards
+def test_shards_must_be_at_least_one(sources, tmp_path, capsys):
+    _assert_fails_cleanly(
+        [sources[("float32", "safetensors")], str(tmp_path / "dst"), "--to", "mtj", "--shards", "0"], tmp_path / "dst",
+        capsys, "CheckpointError", "--shards", "must be an integer >= 1, got 0",
+    )
+
+
+@pytest.mark.parametrize("layout", ["same", "dst is the parent", "dst inside src", "dst links to the parent"])
+def test_destination_overlapping_source_is_refused(layout, sources, tmp_path, capsys):
+    """DST equal to SRC, holding it or inside it (real paths compared) fails before anything is read or
+    written, even with --overwrite, and the source survives."""
+    src = tmp_path / "parent" / "model"
+    shutil.copytree(sources[("float32", "safetensors")], src)
+    (tmp_path / "parent" / "notes.txt").write_text("mine")
+    dst = {
+        "same": src,
+        "dst is the parent": tmp_path / "parent",
+        "dst inside src": src / "converted",
+        "dst links to the parent": tmp_path / "link",
+    }[layout]
+    os.symlink(tmp_path / "parent", tmp_path / "link")
+    before = sorted(os.listdir(src))
+    err = _assert_fails_cleanly(
+        [str(src), str(dst), "--to", "hf", "--overwrite"], dst, capsys, "CheckpointError", str(src), str(dst),
+    )
+    assert "choose a DST outside SRC" in err
+    assert sorted(os.listdir(src)) == before and (tmp_path / "parent" / "notes.txt").read_text() == "mine"
+    assert_dirs_identical(sources[("float32", "safetensors")], str(src))
+
+
+# ---------------------------------------------------------------------------------- Flax storage vs docs
+def test_flax_params_are_stored_uncompressed_as_documented(sources, tmp_path):
+    """Every array of a written Flax checkpoint is zarr v2 with no compressor (read from the OCDBT store
+    orbax wrote), and docs/checkpoint-format.md says so."""
+    import tensorstore as ts
+
+    convert(sources[("float32", "safetensors")], tmp_path / "flax", to="flax", **QUIET)
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{tmp_path / 'flax' / 'params'}"}).result()
+    metas = [k for k in kv.list().result() if k.endswith(b"/.zarray")]
+    assert len(metas) == len(table.expected_shapes(CONFIG, "causal_lm"))
+    for key in metas:
+        meta = json.loads(kv.read(key).result().value)
+        assert meta["zarr_format"] == 2 and meta["compressor"] is None and meta["filters"] is None, (key, meta)
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "checkpoint-format.md"), encoding="utf-8").read()
+    layout = doc[doc.index("<ckpt>/params/"):]
+    layout = layout[: layout.index("```")]
+    assert "uncompressed" in layout and '"compressor": null' in layout and "zarr v2" in layout, layout
+    assert "zstd" not in layout and "zarr3" not in layout, layout
+
+
+# ------------------------------------------------------------------------------ killed writers' leftovers
+def _big_source(root) -> str:
+    """A ~140 MB float32 checkpoint saved by transformers: big enough that a conversion is still writing
+    when the test kills it."""
+    import transformers
+    from conftest import hf_config
+
+    cfg = CONFIG.replace(vocab_size=16384, n_embd=512, n_layer=6, n_head=8, rotary_dim=16)
+    torch.manual_seed(0)
+    transformers.GPTJForCausalLM(hf_config(cfg)).save_pretrained(root / "big")
+    return str(root / "big")
+
+
+def _siblings(dst) -> list[str]:
+    parent, base = os.path.dirname(dst), os.path.basename(dst)
+    return sorted(n for n in os.listdir(parent) if n.startswith(f".{base}.tmp-") or n.startswith(f".{base}.old-"))
+
+
+def test_rerun_removes_temp_dir_of_killed_convert(sources, tmp_path, capsys):
+    """`gptj-jax convert` killed with -9 mid-write leaves its temporary sibling; the next write to the same
+    DST removes it and says so on stderr. A sibling whose writer is alive, one with no marker of ours and
+    one whose marker names another host are left alone; so is a stale `.old-` sibling while DST is missing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from gptj_jax.convert import staging
+
+    src, dst = _big_source(tmp_path), str(tmp_path / "out")
+    # A live writer of the same DST (another process, inside staged_dir until its stdin closes).
+    live_code = "import sys; from gptj_jax.convert.staging import staged_dir\n" \
+                "with staged_dir(sys.argv[1]) as tmp:\n    print(tmp, flush=True); sys.stdin.read(); raise SystemExit(3)"
+    live = subprocess.Popen([sys.executable, "-c", live_code, dst], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        live_tmp = live.stdout.readline().strip()
+        assert os.path.isdir(live_tmp)
+
+        cmd = [sys.executable, "-m", "gptj_jax.cli", "convert", src, dst, "--to", "hf", "--quiet", "--no-tokenizer"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 300
+        stale = None
+        while stale is None and time.monotonic() < deadline and proc.poll() is None:
+            for name in _siblings(dst):
+                path = str(tmp_path / name)
+                if path != live_tmp and any(not n.startswith(".") for n in os.listdir(path)):  # writing weights
+                    stale = path
+            time.sleep(0.002)
+        assert stale is not None, proc.communicate()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        assert proc.returncode == -signal.SIGKILL
+        assert not os.path.exists(dst) and os.path.isdir(stale)  # killed mid-write: the leftover this is about
+        mine = tmp_path / ".out.tmp-mine"  # not ours: no marker
+        mine.mkdir()
+        (mine / "keep.txt").write_text("mine")
+
+        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr
+        assert not os.path.exists(stale)
+        lines = [line for line in rerun.stderr.splitlines() if "stale" in line]
+        assert len(lines) == 1, rerun.stderr
+        assert f"removed stale {stale} (" in lines[0] and f"left by process {proc.pid} on " in lines[0], lines
+        assert re.search(r"\(\d+(\.\d)? (GB|MB|kB|B) on disk\)", lines[0]), lines
+        assert os.path.isdir(live_tmp) and (mine / "keep.txt").read_text() == "mine"
+        assert detect_format(dst) == "hf"
+
+        # Markers naming the killed process: on another host (kept), and a parked old DST (kept while DST
+        # is missing, removed by the next write once DST is back).
+        record = json.loads(open(os.path.join(live_tmp, staging.MARKER)).read())
+        assert record["pid"] == live.pid
+        other_host = tmp_path / ".out.tmp-otherhost"
+        other_host.mkdir()
+        (other_host / staging.MARKER).write_text(json.dumps(dict(record, pid=proc.pid, host=record["host"] + "-x")))
+        old = tmp_path / ".out.old-killed"
+        (old / "data").mkdir(parents=True)
+        (old / "data" / "config.json").write_text("{}")
+        (old / staging.MARKER).write_text(json.dumps(dict(record, pid=proc.pid)))
+        os.rename(dst, tmp_path / "away")
+        capsys.readouterr()
+        convert(sources[("float32", "safetensors")], dst, to="hf", **QUIET)
+        assert f"keeping {old}" in capsys.readouterr().err and (old / "data" / "config.json").is_file()
+        convert(sources[("float32", "safetensors")], dst, to="hf", overwrite=True, **QUIET)
+        assert f"removed stale {old} (" in capsys.readouterr().err and not old.exists()
+        assert other_host.is_dir() and mine.is_dir() and os.path.isdir(live_tmp)
+    finally:
+        live.communicate("", timeout=60)
+    assert live.returncode == 3 and not os.path.exists(live_tmp)

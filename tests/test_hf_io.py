@@ -352,3 +352,114 @@ def test_bin_without_torch_says_how_to_install(monkeypatch, tmp_path):
     with pytest.raises(ImportError, match=r"pip install gptj-jax\[torch\]"):
         io.TorchBinFile(tmp_path / "pytorch_model.bin")
 
+
+
+# ------------------------------------------------------------------------------------ tied embeddings
+def _causal_logits(config, params) -> np.ndarray:
+    import jax.numpy as jnp
+
+    from gptj_jax.model import model_for
+
+    ids, mask, pos = _tied_batch()
+    return np.asarray(model_for(config, "causal_lm").apply(
+        {"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask), position_ids=jnp.asarray(pos)
+    ).logits)
+
+
+def _tied_batch():
+    ids, mask, pos = left_padded_batch(CONFIG.vocab_size, [7, 4], seed=3)
+    return np.where(mask == 1, ids % (CONFIG.vocab_size - 1) + 1, 0), mask, pos
+
+
+def _torch_logits(model) -> torch.Tensor:
+    ids, mask, pos = _tied_batch()
+    with torch.no_grad():
+        return model.eval()(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos)).logits
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    """A GPTJForCausalLM with tie_word_embeddings=True saved by transformers (no lm_head.weight in the file)."""
+    model = hf_model(CONFIG.replace(tie_word_embeddings=True), "causal_lm", seed=21)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    path = str(tmp_path_factory.mktemp("tied"))
+    model.save_pretrained(path)
+    with CheckpointReader(path) as reader:
+        assert "lm_head.weight" not in reader.names and "lm_head.bias" in reader.names
+    return model, path
+
+
+def test_tied_checkpoint_loads_with_transformers_logits(tied, tmp_path):
+    """from_pretrained on a tied checkpoint: lm_head kernel = wte^T, lm_head.bias from the file, logits
+    within 1e-4 of transformers'; save_pretrained writes it back tied and transformers gets identical logits."""
+    model, path = tied
+    config, params = from_pretrained(path)
+    assert config.tie_word_embeddings is True
+    wte = model.transformer.wte.weight.detach().numpy()
+    assert np.array_equal(np.asarray(params["lm_head"]["kernel"]), wte.T)
+    assert np.array_equal(np.asarray(params["lm_head"]["bias"]), model.lm_head.bias.detach().numpy())
+    want = _torch_logits(model)
+    np.testing.assert_allclose(_causal_logits(config, params), want.numpy(), atol=1e-4, rtol=0)
+
+    save_pretrained(tmp_path / "out", config, params)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
+    with CheckpointReader(tmp_path / "out") as reader:
+        assert "lm_head.weight" not in reader.names and "lm_head.bias" in reader.names
+    again = _hf_load("GPTJForCausalLM", str(tmp_path / "out"), attn_implementation="eager")
+    assert torch.equal(_torch_logits(again), want)
+
+
+@pytest.mark.parametrize("edit", ["both differ", "no wte"])
+def test_tied_config_other_layouts_load_as_transformers(edit, tied, tmp_path):
+    """tie_word_embeddings: true with both tensors in the file (different values): transformers 5 keeps
+    both, untied; with lm_head.weight but no wte: wte is lm_head.weight. We load what transformers loads."""
+    import shutil
+
+    import transformers
+    from safetensors.numpy import load_file, save_file
+
+    _, path = tied
+    shutil.copytree(path, tmp_path / "src")
+    tensors = load_file(str(tmp_path / "src" / "model.safetensors"))
+    other = np.random.RandomState(0).randn(CONFIG.vocab_size, CONFIG.n_embd).astype(np.float32)
+    if edit == "both differ":
+        tensors["lm_head.weight"] = other
+    else:
+        tensors["lm_head.weight"] = tensors.pop("transformer.wte.weight")
+    save_file(tensors, str(tmp_path / "src" / "model.safetensors"), metadata={"format": "pt"})
+    theirs, info = transformers.GPTJForCausalLM.from_pretrained(
+        str(tmp_path / "src"), attn_implementation="eager", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    config, params = from_pretrained(tmp_path / "src")
+    assert np.array_equal(np.asarray(params["lm_head"]["kernel"]), theirs.lm_head.weight.detach().numpy().T)
+    assert np.array_equal(np.asarray(params["transformer"]["wte"]["embedding"]), theirs.transformer.wte.weight.detach().numpy())
+    np.testing.assert_allclose(_causal_logits(config, params), _torch_logits(theirs).numpy(), atol=1e-4, rtol=0)
+
+
+def test_save_untied_params_with_tied_config_writes_both(tied, tmp_path):
+    """A config that says tied, but params whose lm_head differs from wte^T: tie_word_embeddings false,
+    both tensors written, and transformers reproduces our logits."""
+    _, path = tied
+    config, params = from_pretrained(path)
+    params["lm_head"]["kernel"] = np.asarray(params["lm_head"]["kernel"]) * 1.5
+    save_pretrained(tmp_path / "out", config, params)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    with CheckpointReader(tmp_path / "out") as reader:
+        assert np.array_equal(reader.read("lm_head.weight"), params["lm_head"]["kernel"].T)
+    again = _hf_load("GPTJForCausalLM", str(tmp_path / "out"), attn_implementation="eager")
+    np.testing.assert_allclose(_torch_logits(again).numpy(), _causal_logits(config, params), atol=1e-4, rtol=0)
+
+
+def test_tied_checkpoint_loads_sharded(tied):
+    """The sharded loader (convert.sharded_load.load_hf_sharded) ties lm_head to wte too."""
+    import jax
+
+    from gptj_jax import sharding as sh
+    from gptj_jax.convert.sharded_load import load_hf_sharded
+
+    model, path = tied
+    mesh = sh.make_mesh(1, 1, jax.device_count())
+    config, params = load_hf_sharded(path, mesh)
+    assert np.array_equal(np.asarray(params["lm_head"]["kernel"]), model.transformer.wte.weight.detach().numpy().T)
+    np.testing.assert_allclose(_causal_logits(config, jax.device_get(params)), _torch_logits(model).numpy(), atol=1e-4, rtol=0)

@@ -278,3 +278,27 @@ def test_shard_dirs_must_be_contiguous(mtj_dir, tmp_path):
 def test_tiny_conftest_config_vocab_does_not_split(tmp_path):
     with pytest.raises(CheckpointError, match="vocab_size=101 does not split over 2 shards"):
         mtj.param_leaves(TINY, 2)
+
+
+def test_bf16_embedding_bias_folds_in_float32(hf_sources, tmp_path):
+    """A slim bfloat16 checkpoint with a non-zero embedding bias, converted to HF float32:
+    wte == float32(w_bf16) + float32(sum of bias shards), exactly (the fold is not done in bfloat16)."""
+    src = hf_sources["bfloat16"][0]
+    with CheckpointReader(src) as reader:
+        mtj.write(tmp_path / "mtj", CONFIG, reader.read, shards=2, dtype=BF16, layout="slim")
+        w = reader.read("transformer.wte.weight")
+    assert w.dtype == BF16
+    rng = np.random.RandomState(3)
+    biases = [(0.01 * rng.randn(CONFIG.n_embd)).astype(BF16) for _ in range(2)]
+    for s in range(2):
+        file = tmp_path / "mtj" / "step_0" / f"shard_{s}" / "0.npz"
+        arrays = _arrays(file)
+        assert arrays[0].dtype == np.dtype("V2") and arrays[0].shape == (CONFIG.n_embd,)  # leaf 0: the embedding bias
+        arrays[0] = biases[s].view("V2")
+        _rewrite(file, arrays)
+    convert(tmp_path / "mtj", tmp_path / "hf", to="hf", dtype="float32", config=os.path.join(src, "config.json"), **QUIET)
+    with CheckpointReader(tmp_path / "hf") as reader:
+        got = reader.read("transformer.wte.weight")
+    want = w.astype(np.float32) + (biases[0].astype(np.float32) + biases[1].astype(np.float32))
+    assert got.dtype == np.float32
+    assert np.array_equal(got, want), float(np.abs(got - want).max())

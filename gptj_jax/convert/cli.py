@@ -23,7 +23,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast every tensor (default: keep)")
     p.add_argument("--max-shard-size", default="5GB", help="HF output: largest safetensors shard (default 5GB)")
-    p.add_argument("--shards", type=int, help="mesh-transformer-jax output: number of model-parallel shards (mp)")
+    p.add_argument("--shards", type=int, help="mesh-transformer-jax output: number of model-parallel shards (mp), >= 1")
     p.add_argument(
         "--mtj-layout", choices=["slim", "full"], default="slim",
         help="mesh-transformer-jax output: params only (slim) or with zeroed Adam state (full)",

@@ -80,11 +80,17 @@ def resolve(path: PathLike) -> tuple[str, Optional[str]]:
 
 
 def _write(directory: str, config: GPTJConfig, params: Mapping[str, Any]) -> None:
-    """Write ``config.json`` and ``params/`` into an existing (staging) directory."""
+    """Write ``config.json`` and ``params/`` into an existing (staging) directory.
+
+    ``params/`` always holds ``lm_head/kernel``; ``config.json`` says ``tie_word_embeddings: true``
+    only when ``config`` does and that kernel is ``wte`` transposed bit for bit.
+    """
+    from gptj_jax.convert.hf import lm_head_tied
+
     head = table.head_of(params)
     leaves = table.flatten(params)
     embed = leaves["wte/embedding" if head == "base" else "transformer/wte/embedding"]
-    config.replace(tie_word_embeddings=False).save_pretrained(
+    config.replace(tie_word_embeddings=lm_head_tied(config, params)).save_pretrained(
         directory, architectures=[table.ARCHITECTURES[head]], torch_dtype=dtype_name(embed.dtype)
     )
     # jax arrays, not NumPy: orbax copies NumPy leaves before writing, CPU jax arrays it reads in place.

@@ -4,6 +4,13 @@
 ``pytorch_model.bin``, or a sharded index of either) into ``(GPTJConfig, params)``;
 ``save_pretrained(dir, config, params)`` writes one that ``transformers`` loads with no missing or
 unexpected keys. Both walk :mod:`gptj_jax.convert.table`.
+
+Tied embeddings (``tie_word_embeddings: true``) follow transformers (5.x): on load a missing
+``lm_head.weight`` is ``transformer.wte.weight`` (our ``lm_head/kernel`` is ``wte`` transposed), a
+missing ``wte`` is ``lm_head.weight``, and a file holding both keeps both (transformers then does not
+tie them, even when they differ); ``lm_head.bias`` is read from the file. On save the flag is written true, and
+``lm_head.weight`` left out, only when the config says tied and the params' ``lm_head/kernel``
+equals ``wte`` transposed bit for bit; otherwise it is false and both tensors are written.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from gptj_jax.convert.io import (
     _fmt_shape,
     as_dtype,
     dtype_name,
+    same_bits,
 )
 from gptj_jax.convert.staging import staged_dir
 from gptj_jax.convert.table import architecture_of, head_of  # noqa: F401  (re-exported)
@@ -71,12 +79,24 @@ def check_tensors(
 
 def checked_tensors(reader: CheckpointReader, config: GPTJConfig, path: str) -> tuple[str, list[str]]:
     """``(head, names to load)`` of an HF checkpoint: the head from its tensor names, every tensor
-    checked against ``config`` (see :func:`check_tensors`); errors name ``path``."""
+    checked against ``config`` (see :func:`check_tensors`); errors name ``path``.
+
+    With ``config.tie_word_embeddings`` and a causal LM head, one of ``lm_head.weight`` and
+    ``transformer.wte.weight`` missing from the files reads the other (:meth:`CheckpointReader.tie`),
+    as transformers loads it, and is added to the names; with both present both are read as stored
+    (transformers does not tie tensors that both exist, equal or not).
+    """
     names = [n for n in reader.names if not table.is_ignored_hf(n)]
     try:
         head = table.head_of_names(names)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    if config.tie_word_embeddings and head == "causal_lm":
+        pair = [("lm_head.weight", "transformer.wte.weight"), ("transformer.wte.weight", "lm_head.weight")]
+        for missing, present in pair:
+            if missing not in reader and present in reader:
+                reader.tie(missing, present)
+                names.append(missing)
     return head, check_tensors(reader, config, head, names)
 
 
@@ -165,9 +185,29 @@ def generation_config_dict(config: GPTJConfig) -> dict:
     return out
 
 
-def write_config_files(directory: str, config: GPTJConfig, head: str, dtype: Any) -> None:
-    """``config.json`` (architectures, torch_dtype, ``tie_word_embeddings: false``) and ``generation_config.json``."""
-    config = config.replace(tie_word_embeddings=False)
+def lm_head_tied(config: GPTJConfig, params: Mapping[str, Any]) -> bool:
+    """True when ``config`` says tied, ``params`` are a causal LM and ``lm_head/kernel`` [D, V] equals
+    ``transformer/wte/embedding`` [V, D] transposed, bit for bit (then transformers' tie reproduces it)."""
+    if not config.tie_word_embeddings or "lm_head" not in params or "transformer" not in params:
+        return False
+    kernel, wte = params["lm_head"]["kernel"], params["transformer"]["wte"]["embedding"]
+    if kernel.dtype != wte.dtype or tuple(kernel.shape) != tuple(wte.shape)[::-1]:
+        return False
+    if isinstance(kernel, jax.Array) or isinstance(wte, jax.Array):  # on device; may span processes
+        import jax.numpy as jnp
+
+        unsigned = jnp.dtype(f"uint{8 * np.dtype(kernel.dtype).itemsize}")
+        bits = jax.lax.bitcast_convert_type
+        return bool(jax.jit(lambda k, w: jnp.array_equal(bits(k, unsigned), bits(w, unsigned).T))(kernel, wte))
+    return same_bits(np.asarray(kernel), np.asarray(wte).T)
+
+
+def write_config_files(directory: str, config: GPTJConfig, head: str, dtype: Any, *, tied: bool = False) -> None:
+    """``config.json`` (architectures, torch_dtype, ``tie_word_embeddings`` = ``tied``) and ``generation_config.json``.
+
+    ``tied`` must be True only when ``lm_head.weight`` is left out because it equals ``wte``.
+    """
+    config = config.replace(tie_word_embeddings=tied)
     config.save_pretrained(directory, architectures=[table.ARCHITECTURES[head]], torch_dtype=dtype_name(dtype))
     with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(generation_config_dict(config), f, indent=2, sort_keys=True)
@@ -197,17 +237,22 @@ def save_pretrained(
     """Write ``params`` as an HF GPT-J checkpoint directory that ``transformers`` loads as is.
 
     Writes ``config.json`` (``architectures`` from the params' head, ``torch_dtype`` from the
-    embedding's dtype, ``tie_word_embeddings: false``), ``generation_config.json`` and
+    embedding's dtype, ``tie_word_embeddings`` true only when ``config`` says tied and ``lm_head/kernel``
+    is ``wte`` transposed bit for bit, with ``lm_head.weight`` then left out, as transformers saves
+    tied models; false otherwise), ``generation_config.json`` and
     ``model.safetensors`` (or ``model-0000k-of-0000n.safetensors`` + index when larger than
     ``max_shard_size``; ``pytorch_model*.bin`` with ``safe_serialization=False``). Everything is
     written in a temporary sibling directory first; an existing ``path`` gets the new files and
     loses stale weight files. Tensors keep their dtypes.
     """
     head = check_params(config, params)
+    tied = lm_head_tied(config, params)
     flat = table.flatten(params)
     plan = []
     for p in table.expected_param_shapes(config, head):
         name, transform = table.ours_to_hf(p)
+        if tied and name == "lm_head.weight":
+            continue
         leaf = flat[p]
         plan.append((name, table.transform_shape(tuple(np.shape(leaf)), transform), np.dtype(leaf.dtype)))
     embed = flat["wte/embedding" if head == "base" else "transformer/wte/embedding"]
@@ -221,4 +266,4 @@ def save_pretrained(
         except BaseException:
             writer.abort()
             raise
-        write_config_files(tmp, config, head, embed.dtype)
+        write_config_files(tmp, config, head, embed.dtype, tied=tied)

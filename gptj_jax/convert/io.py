@@ -93,6 +93,17 @@ def parse_size(size: Union[int, str]) -> int:
     return value
 
 
+def same_bits(a: Any, b: Any) -> bool:
+    """True when two arrays have the same dtype, shape and bytes (NaN payloads and -0.0 included)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    unsigned = np.dtype(f"u{a.dtype.itemsize}") if a.dtype.itemsize in (1, 2, 4, 8) else None
+    if unsigned is None:
+        return np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+    return bool(np.array_equal(a.view(unsigned), b.view(unsigned)))
+
+
 def _fmt_shape(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
@@ -366,6 +377,7 @@ class CheckpointReader:
 
     Shapes and dtypes are known after opening (headers only). At most one shard file is open at a
     time; :meth:`read` and :meth:`read_slice` return NumPy arrays in the file's layout and dtype.
+    :meth:`tie` makes one name read as another tensor (a tied ``lm_head.weight`` reads ``wte``).
     """
 
     def __init__(self, directory: PathLike):
@@ -376,6 +388,7 @@ class CheckpointReader:
         self._dtype: dict[str, np.dtype] = {}
         self._open_path: Optional[str] = None
         self._open: Optional[Union[SafetensorsFile, TorchBinFile]] = None
+        self._tied: dict[str, str] = {}
         self.files = list(listed)
         for file, names in listed.items():
             handle = self._handle(file)
@@ -418,37 +431,47 @@ class CheckpointReader:
         return list(self._file_of)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._file_of
+        return self.target(name) in self._file_of
+
+    def tie(self, name: str, target: str) -> None:
+        """From now on ``name`` reads as the tensor ``target`` (shape, dtype and bytes), whether or not
+        the files hold a ``name`` of their own (transformers' tied weights: ``lm_head.weight`` is ``wte``)."""
+        self.file_of(target)
+        self._tied[name] = target
+
+    def target(self, name: str) -> str:
+        """The stored tensor that ``name`` reads: ``name`` itself unless :meth:`tie` redirected it."""
+        return self._tied.get(name, name)
 
     def file_of(self, name: str) -> str:
         try:
-            return self._file_of[name]
+            return self._file_of[self.target(name)]
         except KeyError:
             raise CheckpointError(f"{self.directory}: no tensor named {name!r}") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         self.file_of(name)
-        return self._shape[name]
+        return self._shape[self.target(name)]
 
     def dtype(self, name: str) -> np.dtype:
         self.file_of(name)
-        return self._dtype[name]
+        return self._dtype[self.target(name)]
 
     def nbytes(self, name: str) -> int:
         return int(np.prod(self.shape(name), dtype=np.int64)) * self.dtype(name).itemsize
 
     def read(self, name: str) -> np.ndarray:
         """The whole tensor (file layout and dtype)."""
-        return self._handle(self.file_of(name)).read(name)
+        return self._handle(self.file_of(name)).read(self.target(name))
 
     def read_slice(self, name: str, index: Index) -> np.ndarray:
         """``tensor[index]`` (file layout), reading only what the slice needs from safetensors."""
-        return self._handle(self.file_of(name)).read_slice(name, index)
+        return self._handle(self.file_of(name)).read_slice(self.target(name), index)
 
     def iter_tensors(self, names: Optional[Sequence[str]] = None) -> Iterator[tuple[str, np.ndarray]]:
         """Yield ``(name, array)`` one at a time, file by file."""
         order = {n: k for k, n in enumerate(self._file_of)}
-        wanted = self.names if names is None else sorted(names, key=order.__getitem__)
+        wanted = self.names if names is None else sorted(names, key=lambda n: order[self.target(n)])
         for name in wanted:
             yield name, self.read(name)
 

@@ -352,14 +352,16 @@ class MtjReader:
             )
         return array
 
-    def _join(self, j: int) -> np.ndarray:
+    def _join(self, j: int, sum_dtype: Optional[np.dtype] = None) -> np.ndarray:
+        """Leaf ``j`` joined over shards. Summed leaves are added in float64 and rounded once, to
+        ``sum_dtype`` (default: the stored dtype)."""
         leaf = self.leaves[j]
         parts = [self.read_leaf(s, j) for s in range(self.mp)]  # every shard's copy is shape-checked
         if leaf.join == "first":
             return parts[0]
         if leaf.join in ("sum", "fold"):
             # float64 makes the sum of the writer's value/mp parts exact for power-of-two mp.
-            return np.sum([p.astype(np.float64) for p in parts], axis=0).astype(parts[0].dtype)
+            return np.sum([p.astype(np.float64) for p in parts], axis=0).astype(sum_dtype or parts[0].dtype)
         out = parts[0] if self.mp == 1 else np.concatenate(parts, axis=leaf.join)
         del parts
         return out
@@ -372,22 +374,29 @@ class MtjReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return table.expected_shapes(self.config, "causal_lm")[name]
 
-    def read(self, name: str) -> np.ndarray:
-        """The HF tensor ``name`` (HF layout, stored dtype), joined from all shards."""
+    def read(self, name: str, dtype: Any = None) -> np.ndarray:
+        """The HF tensor ``name`` (HF layout), joined from all shards, in ``dtype`` (None: the stored dtype).
+
+        ``transformer.wte.weight`` gets the embedding bias (summed over shards) added to every row in
+        float32 (the bias sum rounded to float32 once), then rounded once to ``dtype``: a bfloat16
+        checkpoint read as float32 is ``float32(w) + float32(sum of bias shards)`` exactly.
+        """
         if name not in self._leaf_of:
             raise CheckpointError(f"{self.step_dir}: no tensor {name!r} in a mesh-transformer-jax checkpoint")
+        out_dtype = np.dtype(dtype) if dtype is not None else self.dtype()
         leaf = self.leaves[self._leaf_of[name]]
-        array = table.apply_transform(self._join(self._leaf_of[name]), leaf.transform, contiguous=True)
+        array = table.apply_transform(self._join(self._leaf_of[name], out_dtype), leaf.transform, contiguous=True)
         if name == "transformer.wte.weight":
-            bias = self._join(self._embed_bias_index)
+            bias = self._join(self._embed_bias_index, np.dtype(np.float32))
             if np.any(bias):
-                array = (array.astype(np.float32) + bias.astype(np.float32)).astype(array.dtype)
-        return array
+                array = array.astype(np.float32)
+                array += bias
+        return array if array.dtype == out_dtype else array.astype(out_dtype)
 
-    def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """``(HF name, array)`` in leaf order, one tensor at a time."""
+    def iter_tensors(self, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
+        """``(HF name, array)`` in leaf order, one tensor at a time, in ``dtype`` (None: stored)."""
         for name in self.names:
-            yield name, self.read(name)
+            yield name, self.read(name, dtype)
 
     def close(self) -> None:
         for handle in self._open.values():

@@ -24,7 +24,7 @@ from gptj_jax.convert import flax as flax_ckpt
 from gptj_jax.convert import mtj, table
 from gptj_jax.convert.errors import CheckpointError
 from gptj_jax.convert.hf import checked_tensors, make_writer, write_config_files
-from gptj_jax.convert.io import CheckpointReader, as_dtype, dtype_name, has_hf_weights
+from gptj_jax.convert.io import CheckpointReader, as_dtype, dtype_name, has_hf_weights, same_bits
 from gptj_jax.convert.staging import staged_dir
 
 PathLike = Union[str, os.PathLike]
@@ -69,13 +69,18 @@ def detect_format(path: PathLike) -> str:
 
 # ====================================================================================== sources
 class Source(abc.ABC):
-    """HF-named, HF-layout tensors from a checkpoint. ``names`` is the cheap read order."""
+    """HF-named, HF-layout tensors from a checkpoint. ``names`` is the cheap read order.
+
+    ``tied`` is True when the source's ``lm_head.weight`` *is* its ``transformer.wte.weight`` (an HF
+    checkpoint with ``tie_word_embeddings: true`` storing one of the two: both read the same tensor).
+    """
 
     format: str
     path: str
     config: GPTJConfig
     head: str
     names: list[str]
+    tied: bool = False
 
     def shape(self, name: str) -> tuple[int, ...]:
         return table.expected_shapes(self.config, self.head)[name]
@@ -85,13 +90,17 @@ class Source(abc.ABC):
         """The stored dtype of tensor ``name``."""
 
     @abc.abstractmethod
-    def read(self, name: str) -> np.ndarray:
-        """One tensor, any order (HF layout, stored dtype)."""
+    def _read(self, name: str) -> np.ndarray:
+        """One tensor, HF layout, stored dtype."""
 
-    def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """All tensors in :attr:`names` order, one at a time."""
+    def read(self, name: str, dtype: Optional[np.dtype] = None) -> np.ndarray:
+        """One tensor, any order (HF layout), cast to ``dtype`` (None: the stored dtype)."""
+        return _cast(self._read(name), dtype)
+
+    def iter_tensors(self, dtype: Optional[np.dtype] = None) -> Iterator[tuple[str, np.ndarray]]:
+        """All tensors in :attr:`names` order, one at a time, cast to ``dtype`` (None: stored dtypes)."""
         for name in self.names:
-            yield name, self.read(name)
+            yield name, self.read(name, dtype)
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -106,11 +115,12 @@ class HFSource(Source):
         self.config = config if config is not None else GPTJConfig.from_pretrained(path)
         self.reader = CheckpointReader(path)
         self.head, self.names = checked_tensors(self.reader, self.config, path)
+        self.tied = self.reader.target("lm_head.weight") == self.reader.target("transformer.wte.weight")
 
     def dtype(self, name: str) -> np.dtype:
         return self.reader.dtype(name)
 
-    def read(self, name: str) -> np.ndarray:
+    def _read(self, name: str) -> np.ndarray:
         return self.reader.read(name)
 
     def close(self) -> None:
@@ -133,14 +143,14 @@ class FlaxSource(Source):
     def dtype(self, name: str) -> np.dtype:
         return self.reader.dtype(self._path_of[name])
 
-    def read(self, name: str) -> np.ndarray:
+    def _read(self, name: str) -> np.ndarray:
         p = self._path_of[name]
         return table.apply_transform(self.reader.read([p])[p], table.ours_to_hf(p)[1], contiguous=True)
 
-    def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+    def iter_tensors(self, dtype: Optional[np.dtype] = None) -> Iterator[tuple[str, np.ndarray]]:
         for p, array in self.reader.iter_leaves():
             name, transform = table.ours_to_hf(p)
-            yield name, table.apply_transform(array, transform, contiguous=True)
+            yield name, _cast(table.apply_transform(array, transform, contiguous=True), dtype)
 
     def close(self) -> None:
         """Nothing stays open: each orbax restore opens and closes the item."""
@@ -159,11 +169,15 @@ class MtjSource(Source):
     def dtype(self, name: str) -> np.dtype:
         return self.reader.dtype()
 
-    def read(self, name: str) -> np.ndarray:
+    def _read(self, name: str) -> np.ndarray:
         return self.reader.read(name)
 
-    def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        return self.reader.iter_tensors()
+    def read(self, name: str, dtype: Optional[np.dtype] = None) -> np.ndarray:
+        # The reader folds the embedding bias into wte in float32 and rounds once, to ``dtype``.
+        return self.reader.read(name, dtype)
+
+    def iter_tensors(self, dtype: Optional[np.dtype] = None) -> Iterator[tuple[str, np.ndarray]]:
+        return self.reader.iter_tensors(dtype)
 
     def close(self) -> None:
         self.reader.close()
@@ -238,16 +252,30 @@ def _cast(array: np.ndarray, dtype: Optional[np.dtype]) -> np.ndarray:
     return array.astype(dtype) if dtype is not None and array.dtype != dtype else array
 
 
+def _tie_output(source: Source, dtype: Optional[np.dtype]) -> bool:
+    """Whether an HF output is tied (``tie_word_embeddings: true``, no ``lm_head.weight``): the config
+    says so and the output's ``lm_head.weight`` would equal its ``wte`` bit for bit."""
+    if source.head != "causal_lm" or not source.config.tie_word_embeddings:
+        return False
+    if source.tied:
+        return True
+    return same_bits(source.read("lm_head.weight", dtype), source.read("transformer.wte.weight", dtype))
+
+
 def _write_hf(
     tmp: str, source: Source, dtype: Optional[np.dtype], max_shard_size: Union[int, str],
     progress: _Progress, tokenizer: bool, safe_serialization: bool = True,
 ) -> np.dtype:
+    tied = _tie_output(source, dtype)
     expected = table.expected_shapes(source.config, source.head)
+    if tied:  # transformers ties lm_head.weight to wte on load and does not save it
+        del expected["lm_head.weight"]
     plan = [(name, shape, dtype or source.dtype(name)) for name, shape in expected.items()]
     writer = make_writer(tmp, plan, max_shard_size, safe_serialization)
     try:
-        for name, array in source.iter_tensors():
-            array = _cast(array, dtype)
+        for name, array in source.iter_tensors(dtype):
+            if name not in expected:
+                continue
             writer.write(name, array)
             progress.update(name, array)
             del array
@@ -256,7 +284,7 @@ def _write_hf(
         writer.abort()
         raise
     out_dtype = dtype or source.dtype(next(iter(expected)))
-    write_config_files(tmp, source.config, source.head, out_dtype)
+    write_config_files(tmp, source.config, source.head, out_dtype, tied=tied)
     if tokenizer:
         from gptj_jax.tokenizer import save_tokenizer
 
@@ -268,9 +296,9 @@ def _write_flax(tmp: str, source: Source, dtype: Optional[np.dtype], progress: _
     import jax
 
     flat = {}
-    for name, array in source.iter_tensors():
+    for name, array in source.iter_tensors(dtype):
         path, transform = table.hf_to_ours(name)
-        array = table.apply_transform(_cast(array, dtype), transform, contiguous=True)
+        array = table.apply_transform(array, transform, contiguous=True)
         flat[path] = jax.device_put(array)
         progress.update(name, array)
         del array
@@ -291,8 +319,28 @@ def _write_mtj(
         )
     out_dtype = dtype or source.dtype("transformer.wte.weight")
     mtj.check_mp(source.config, shards, "--shards")
-    mtj.write(tmp, source.config, source.read, shards=shards, dtype=out_dtype, layout=layout, on_tensor=progress.update)
+    mtj.write(
+        tmp, source.config, lambda name: source.read(name, out_dtype), shards=shards, dtype=out_dtype, layout=layout,
+        on_tensor=progress.update,
+    )
     return out_dtype
+
+
+def check_paths(src: PathLike, dst: PathLike) -> None:
+    """Raise CheckpointError when ``dst`` is ``src``, holds it, or lies inside it (real paths compared),
+    where writing ``dst`` (or replacing it with ``--overwrite``) would destroy the source."""
+    real_src, real_dst = os.path.realpath(os.fspath(src)), os.path.realpath(os.fspath(dst))
+    if real_src == real_dst:
+        how = "is the source"
+    elif os.path.commonpath([real_src, real_dst]) == real_dst:
+        how = "contains the source"
+    elif os.path.commonpath([real_src, real_dst]) == real_src:
+        how = "is inside the source"
+    else:
+        return
+    raise CheckpointError(
+        f"destination {os.fspath(dst)} ({real_dst}) {how} {os.fspath(src)} ({real_src}); choose a DST outside SRC"
+    )
 
 
 def convert(
@@ -315,14 +363,16 @@ def convert(
     Args:
       src: an HF directory, a gptj-jax Flax checkpoint (or training run dir), or a
         mesh-transformer-jax model / step directory (slim or full).
-      dst: output directory; must not exist unless ``overwrite``.
+      dst: output directory; must not exist unless ``overwrite``, and must not be ``src``, contain it or
+        lie inside it (:func:`check_paths`). Stale temporary siblings of killed earlier writes to it are
+        removed first (:func:`gptj_jax.convert.staging.clean_stale_siblings`).
       to: ``"hf"``, ``"flax"`` or ``"mtj"``.
       config: GPTJConfig, or a path to an HF ``config.json`` or mesh-transformer-jax config JSON.
         Required for mtj sources; overrides the checkpoint's config otherwise. For mtj targets its
         ``cores_per_replica`` is the default for ``shards``.
       dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; None keeps the source's dtype.
       max_shard_size: HF output shard limit (``"5GB"``, ``"200MB"`` or bytes).
-      shards: mp of an mtj output (default: the config's ``cores_per_replica``, else 1).
+      shards: mp of an mtj output, >= 1 (default: the config's ``cores_per_replica``, else 1).
       mtj_layout: ``"slim"`` (params + step) or ``"full"`` (with zeroed Adam state) for mtj output.
       tokenizer: write GPT-J's tokenizer files into an HF output.
       safe_serialization: HF output as safetensors (default) or ``pytorch_model*.bin``.
@@ -334,14 +384,15 @@ def convert(
         raise ValueError(f"to must be one of {list(FORMATS)}, got {to!r}")
     start = time.perf_counter()
     src, dst = os.fspath(src), os.fspath(dst)
+    if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or shards < 1):
+        raise CheckpointError(f"--shards (shards=) must be an integer >= 1, got {shards!r}")
+    check_paths(src, dst)  # before anything is read or written
     np_dtype = as_dtype(dtype)
     mp_from_config = None
     if config is not None and not isinstance(config, GPTJConfig):
         config, mp_from_config = load_config(config)
     if os.path.lexists(dst) and not overwrite:  # fail before reading anything
         raise CheckpointError(f"{dst}: destination exists; pass overwrite=True (--overwrite) to replace it")
-    if os.path.abspath(src) == os.path.abspath(dst):
-        raise CheckpointError(f"{dst}: destination is the source")
     source = open_source(src, config)
     try:
         progress = _Progress(len(source.names), f"{source.format}->{to}", verbose)
@@ -352,7 +403,7 @@ def convert(
                 elif to == "flax":
                     out_dtype = _write_flax(tmp, source, np_dtype, progress)
                 else:
-                    mp = shards or mp_from_config or 1
+                    mp = shards if shards is not None else mp_from_config or 1
                     out_dtype = _write_mtj(tmp, source, np_dtype, mp, mtj_layout, progress)
         finally:
             progress.close()
