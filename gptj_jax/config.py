@@ -27,19 +27,41 @@ _ALIASES = {
 }
 
 
+# The model presets shipped inside the package (``GPTJConfig.preset``): gptj_jax/presets/<name>.json.
+PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
+
+
 class ConfigError(ValueError):
     """A config value is missing, of the wrong type, or inconsistent with another one."""
 
 
+def _is_remote(path: str) -> bool:
+    """True for a URL such as ``gs://bucket/dir`` (read through etils.epath), False for a local path."""
+    return "://" in path
+
+
 def read_json_config(path: Union[str, os.PathLike]) -> tuple[str, dict]:
-    """``(file, dict)`` of a JSON config: the file itself, or ``config.json`` in a directory."""
+    """``(file, dict)`` of a JSON config: the file itself, or ``config.json`` in a directory.
+
+    ``path`` is local or a URL etils.epath reads (``gs://bucket/run``, an ``epath.Path``).
+    """
     path = os.fspath(path)
-    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no config.json at {path}")
-    try:
+    if _is_remote(path):
+        from etils import epath
+
+        p = epath.Path(path)
+        file = os.fspath(p / "config.json") if p.is_dir() else path
+        if not epath.Path(file).is_file():
+            raise FileNotFoundError(f"no config.json at {path}")
+        text = epath.Path(file).read_text(encoding="utf-8")
+    else:
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no config.json at {path}")
         with open(file, encoding="utf-8") as f:
-            data = json.load(f)
+            text = f.read()
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{file}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
@@ -206,7 +228,15 @@ class GPTJConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names and k not in ("num_labels", "id2label")}
         id2label = data.get("id2label")
+        if id2label is not None and not isinstance(id2label, dict):
+            raise ConfigError(
+                f"{source}: id2label must be a mapping of class id to label, e.g. {{\"0\": \"NEGATIVE\", "
+                f"\"1\": \"POSITIVE\"}}, got a {type(id2label).__name__}: {id2label!r}"
+            )
         if id2label:
+            bad = [k for k in id2label if not str(k).strip().lstrip("-").isdigit()]
+            if bad:
+                raise ConfigError(f"{source}: id2label keys must be integer class ids, got {bad[0]!r}")
             kwargs["id2label"] = tuple(sorted((int(k), str(v)) for k, v in id2label.items()))
             kwargs["num_labels"] = len(id2label)
             if "num_labels" in data and data["num_labels"] != len(id2label):
@@ -236,23 +266,52 @@ class GPTJConfig:
         architectures: Optional[list[str]] = None,
         torch_dtype: Optional[str] = None,
     ) -> str:
-        """Write ``directory/config.json`` (atomically) and return its path."""
+        """Write ``directory/config.json`` (atomically) and return its path.
+
+        ``directory`` is local or a URL etils.epath writes (``gs://bucket/run``); an object store replaces
+        the object in one piece, so the remote write needs no temporary file.
+        """
         directory = os.fspath(directory)
+        text = json.dumps(self.to_hf_dict(architectures, torch_dtype), indent=2, sort_keys=True) + "\n"
+        if _is_remote(directory):
+            from etils import epath
+
+            target = epath.Path(directory)
+            target.mkdir(parents=True, exist_ok=True)
+            (target / "config.json").write_text(text, encoding="utf-8")
+            return os.fspath(target / "config.json")
         os.makedirs(directory, exist_ok=True)
         file = os.path.join(directory, "config.json")
         tmp = file + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_hf_dict(architectures, torch_dtype), f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, file)
         return file
 
     @classmethod
     def preset(cls, name: str) -> "GPTJConfig":
-        """Load ``configs/<name>.json`` shipped with the project (e.g. ``gptj-6b``, ``gptj-tiny``)."""
-        here = os.path.dirname(os.path.abspath(__file__))
-        for root in (os.path.join(here, "configs"), os.path.join(os.path.dirname(here), "configs")):
-            file = os.path.join(root, f"{name}.json")
-            if os.path.isfile(file):
-                return cls.from_pretrained(file)
-        raise FileNotFoundError(f"no preset named {name!r} (looked for configs/{name}.json)")
+        """A model preset shipped in the package (``gptj_jax/presets/<name>.json``): see :func:`preset_names`."""
+        names = preset_names()
+        if name not in names:
+            raise FileNotFoundError(f"no preset named {name!r}; presets: {', '.join(names)}")
+        return cls.from_pretrained(os.path.join(PRESETS_DIR, f"{name}.json"))
+
+    @classmethod
+    def load(cls, name_or_path: Union[str, os.PathLike]) -> "GPTJConfig":
+        """A ``config.json`` (the file, or the directory holding it) or, when no such path exists, a preset name."""
+        text = os.fspath(name_or_path)
+        if _is_remote(text) or os.path.exists(text):
+            return cls.from_pretrained(text)
+        if text in preset_names():
+            return cls.preset(text)
+        raise FileNotFoundError(
+            f"{text}: no such config.json (file or directory) and no preset of that name; "
+            f"presets: {', '.join(preset_names())}"
+        )
+
+
+def preset_names() -> list[str]:
+    """Names of the presets :meth:`GPTJConfig.preset` knows (``gptj-1.3b``, ``gptj-162m``, ``gptj-6b``, ``gptj-tiny``)."""
+    if not os.path.isdir(PRESETS_DIR):
+        return []
+    return sorted(f[: -len(".json")] for f in os.listdir(PRESETS_DIR) if f.endswith(".json"))

@@ -1,6 +1,6 @@
 """Benchmark: checkpoint conversion time, throughput and peak memory, ours next to transformers.
 
-Creates a ~1.4B-parameter GPT-J checkpoint (``configs/gptj-1.3b.json``, random float16 weights, one
+Creates a ~1.4B-parameter GPT-J checkpoint (``gptj_jax/presets/gptj-1.3b.json``, random float16 weights, one
 ``model.safetensors`` as transformers writes it) without building a model, then runs each conversion
 in a fresh subprocess and reads that process's peak RSS (``ru_maxrss``):
 
@@ -14,7 +14,7 @@ in a fresh subprocess and reads that process's peak RSS (``ru_maxrss``):
 Prints a markdown table: seconds, MB/s (checkpoint bytes / seconds), peak RSS, RSS above the
 interpreter's baseline (imports done, nothing loaded), and ours / transformers ratios.
 
-    python scripts/bench_convert.py [--config configs/gptj-1.3b.json] [--workdir /tmp/bench_convert] [--keep]
+    python scripts/bench_convert.py [--config gptj_jax/presets/gptj-1.3b.json] [--workdir /tmp/bench_convert] [--keep]
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def measure_copy(src_file: str, dst_file: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default=os.path.join(ROOT, "configs", "gptj-1.3b.json"))
+    ap.add_argument("--config", default=os.path.join(ROOT, "gptj_jax", "presets", "gptj-1.3b.json"))
     ap.add_argument("--workdir", default="/tmp/bench_convert")
     ap.add_argument("--shards", type=int, default=8, help="mp of the mesh-transformer-jax checkpoint")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints in --workdir")

@@ -100,7 +100,7 @@ def write_section(path: str, section: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "gptj-162m.json"))
+    parser.add_argument("--config", default=os.path.join(ROOT, "gptj_jax", "presets", "gptj-162m.json"))
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5, help="interleaved timed rounds (best of each reported)")

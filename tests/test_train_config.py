@@ -69,6 +69,19 @@ def test_missing_required_key():
         load_train_config(None, ["train_set=x", "model_dir=y"])
 
 
+def test_missing_required_keys_are_all_reported(capsys, tmp_path):
+    with pytest.raises(TrainConfigError,
+                       match=r"config: missing required keys 'total_steps' \(.*\); 'model_dir' \(.*\); 'train_set' \("):
+        load_train_config(None, ["lr=1e-3"])
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 1.0e-3\nseq: 64\n")
+    line = cli_error(capsys, ["train", str(f)])
+    assert line.startswith(f"gptj-jax train: error: TrainConfigError: {f}: missing required keys 'total_steps' (")
+    assert "; 'model_dir' (" in line and "; 'train_set' (" in line
+    with pytest.raises(TrainConfigError, match=r"missing required keys 'model_dir' \(.*\); 'train_set' \("):
+        load_train_config(None, ["total_steps=1"])
+
+
 def test_mesh_and_cores_per_replica_must_agree():
     with pytest.raises(TrainConfigError, match="mp=4 but cores_per_replica is 2"):
         load_train_config(None, REQ + ["mesh=dp=2,mp=4", "cores_per_replica=2"])
@@ -197,3 +210,43 @@ def test_eval_batches_in_order(tmp_path):
     assert [b[:, 0].tolist() for b in eval_batches(records, 4, None, process_index=1, process_count=2)] == [[6, 9], [18, 21]]
     with pytest.raises(DataError, match="fewer than one batch of 16"):
         list(eval_batches(records, 16, None))
+
+
+def test_prepare_non_utf8_jsonl_names_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(json.dumps({"text": "fine"}).encode() + b"\n" + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid UTF-8 \(byte 13 of the line: invalid continuation"):
+        prepare([str(bad)], str(tmp_path / "out"), seq=8, workers=1, progress=False)
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.tmp-prepare")
+    zst = tmp_path / "bad.jsonl.zst"
+    zst.write_bytes(zstandard.ZstdCompressor().compress(bad.read_bytes()))
+    with pytest.raises(DataError, match=r"bad.jsonl.zst:2: not valid UTF-8"):
+        prepare([str(zst)], str(tmp_path / "out"), seq=8, workers=1, progress=False)
+
+
+def test_prepare_non_utf8_txt_is_repaired_with_a_warning(tmp_path):
+    from gptj_jax.tokenizer import load_tokenizer
+
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("Un caf\u00e9 cr\u00e8me, s'il vous pla\u00eet. ".encode("latin-1") * 4)
+    with pytest.warns(UserWarning, match=r"latin1.txt: not valid UTF-8 \(byte 6: invalid continuation byte\); "
+                                         r"invalid bytes replaced with U\+FFFD"):
+        index = prepare([str(latin)], str(tmp_path / "out"), seq=8, workers=1, progress=False)
+    stream = load_tokenizer()(latin.read_bytes().decode("utf-8", errors="replace"))["input_ids"] + [50256]
+    assert index["num_tokens"] == len(stream)
+    np.testing.assert_array_equal(TokenRecords(str(tmp_path / "out"))[0], np.array(stream[:9], np.uint16))
+
+
+def test_prepare_output_that_is_a_file_fails_first_and_leaves_nothing(capsys, tmp_path):
+    (tmp_path / "a.txt").write_text("Some text to tokenize. " * 50)
+    target = tmp_path / "notes.txt"
+    target.write_text("the user's own file\n")
+    line = cli_error(capsys, ["prepare", "--input", str(tmp_path / "a.txt"), "--output", str(target), "--seq", "8",
+                              "--workers", "1", "--no-progress"])
+    assert f"--output {target} is a file, not a directory" in line
+    assert target.read_text() == "the user's own file\n"
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "notes.txt"]  # no notes.txt.tmp-prepare left behind
+    # checked before any input is read: a broken input is not reached
+    (tmp_path / "broken.jsonl").write_text("{not json\n")
+    with pytest.raises(DataError, match="is a file, not a directory"):
+        prepare([str(tmp_path / "broken.jsonl")], str(target), seq=8, workers=1, progress=False)

@@ -90,6 +90,32 @@ def test_resume_is_exact(tmp_path):
     assert losses_a == losses_b  # the data position (and RNG) was restored, not restarted
 
 
+def test_resume_drops_a_torn_metrics_line_and_names_other_bad_lines(tmp_path):
+    """A kill in the middle of a metrics.jsonl write leaves a torn last line: resuming drops it with a warning
+    (rewriting the file through a temporary sibling); a bad line elsewhere is an error naming file and line."""
+    data = synthetic_data(str(tmp_path / "data"))
+    cfg = make_cfg(tmp_path, "ckpt_every=3", "total_steps=3", data=data)
+    train(cfg)
+    path = os.path.join(cfg.model_dir, "metrics.jsonl")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"step": 4, "loss": 1.2}\n{"step": 5, "lo')  # step 4 past the checkpoint, then a torn step 5
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:5: dropping a torn last line .*not valid JSON"):
+        summary = train(make_cfg(tmp_path, "ckpt_every=3", "total_steps=5", data=data))
+    assert summary["start_step"] == 3 and summary["step"] == 5
+    assert [r["step"] for r in read_metrics(cfg.model_dir) if "loss" in r] == [1, 2, 3, 4, 5]
+    assert sorted(n for n in os.listdir(cfg.model_dir) if n.startswith("metrics")) == ["metrics.jsonl"]
+    # a broken line that is not the last one is not silently dropped
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    lines[1] = lines[1][:20] + "\n"
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    from gptj_jax.train.loop import MetricsFileError
+
+    with pytest.raises(MetricsFileError, match=rf"{path}:2: not valid JSON \(.*\); fix or delete that line"):
+        train(make_cfg(tmp_path, "ckpt_every=3", "total_steps=6", data=data))
+
+
 def test_checkpoint_is_a_flax_checkpoint_and_eval_prints(tmp_path, capsys):
     from gptj_jax.cli import main
     from gptj_jax.convert import flax as flax_ckpt

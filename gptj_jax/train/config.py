@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from gptj_jax.config import GPTJConfig
+from gptj_jax.config import GPTJConfig, preset_names
 
 
 class TrainConfigError(ValueError):
@@ -57,8 +57,8 @@ MTJ_KEYS: tuple[tuple[str, Any, Any, str], ...] = (
     ("val_every", int, 500, "evaluate every val_set entry every this many steps"),
     ("val_batches", int, 100, "at most this many batches per validation set"),
     ("name", str, "gptj-jax", "run name (shown in logs)"),
-    ("model_dir", str, REQUIRED, "where checkpoints, metrics.jsonl and TensorBoard files go"),
-    ("train_set", str, REQUIRED, "a directory written by `gptj-jax prepare`"),
+    ("model_dir", str, REQUIRED, "where checkpoints, metrics.jsonl and TensorBoard files go: a local path or gs://bucket/dir"),
+    ("train_set", str, REQUIRED, "a directory written by `gptj-jax prepare`, local or gs://"),
     ("val_set", dict, {}, "name -> directory written by `gptj-jax prepare`"),
     # mtj keys accepted for compatibility and not used by this trainer.
     ("tpu_size", Optional[int], None, "ignored: the device count comes from JAX (mtj: TPU cores)"),
@@ -297,9 +297,12 @@ def load_train_config(path: Optional[str], overrides: list[str] = (), base: Opti
         if key not in _SPEC:
             raise _unknown(key, source)
         kwargs[key] = _check_type(key, value, source)
-    for key, (_, default, _) in _SPEC.items():
-        if default is REQUIRED and key not in kwargs:
-            raise TrainConfigError(f"{path or 'config'}: missing required key {key!r} ({_SPEC[key][2]})")
+    missing = [key for key, (_, default, _) in _SPEC.items() if default is REQUIRED and key not in kwargs]
+    if len(missing) == 1:
+        raise TrainConfigError(f"{path or 'config'}: missing required key {missing[0]!r} ({_SPEC[missing[0]][2]})")
+    if missing:
+        listed = "; ".join(f"{key!r} ({_SPEC[key][2]})" for key in missing)
+        raise TrainConfigError(f"{path or 'config'}: missing required keys {listed}")
     cfg = TrainConfig(**kwargs)
     validate(cfg, path or "config")
     return cfg
@@ -389,14 +392,15 @@ def model_config_for(cfg: TrainConfig, loaded: Optional[GPTJConfig] = None) -> G
     else:
         if cfg.model_config is None:
             base = GPTJConfig()
-        elif os.path.exists(cfg.model_config):
+        elif os.path.exists(cfg.model_config) or "://" in cfg.model_config:
             base = GPTJConfig.from_pretrained(cfg.model_config)
         else:
             try:
                 base = GPTJConfig.preset(cfg.model_config)
             except FileNotFoundError:
                 raise TrainConfigError(
-                    f"key 'model_config': {cfg.model_config!r} is neither a config.json path nor a preset in configs/"
+                    f"key 'model_config': {cfg.model_config!r} is neither a config.json path nor a preset "
+                    f"({', '.join(preset_names())})"
                 ) from None
         changes = {field: getattr(cfg, key) for key, field in _ARCH if getattr(cfg, key) is not None}
         if cfg.n_positions is not None:

@@ -24,10 +24,14 @@ import json
 import multiprocessing
 import os
 import shutil
+import threading
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional
 
 import numpy as np
+
+from gptj_jax.train import paths
 
 INDEX = "index.json"
 FORMAT = "gptj-jax-tokens"
@@ -42,25 +46,39 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------------------- reading text
 def iter_documents(path: str) -> Iterator[str]:
     """Documents in one input file: a ``.txt`` file is one document; ``.jsonl`` / ``.jsonl.zst`` give each
-    line's ``text`` field. Errors name the file and line."""
+    line's ``text`` field. Errors name the file and line.
+
+    A ``.jsonl`` line that is not UTF-8 is an error; a ``.txt`` file that is not UTF-8 is read with the bad
+    bytes replaced by U+FFFD, with a warning naming the file and the first bad byte.
+    """
     if not os.path.isfile(path):
         raise DataError(f"input file {path} does not exist")
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            yield f.read()
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            yield data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            warnings.warn(f"{path}: not valid UTF-8 (byte {e.start}: {e.reason}); invalid bytes replaced with U+FFFD",
+                          stacklevel=2)
+            yield data.decode("utf-8", errors="replace")
         return
     if path.endswith(".jsonl.zst") or path.endswith(".jsonl.zstd"):
         import zstandard
 
         raw = open(path, "rb")
-        lines: Iterable[str] = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8")
+        lines: Iterable[bytes] = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
     elif path.endswith(".jsonl") or path.endswith(".json"):
-        raw = open(path, encoding="utf-8")
+        raw = open(path, "rb")
         lines = raw
     else:
         raise DataError(f"input file {path}: unsupported extension; expected .txt, .jsonl or .jsonl.zst")
     with raw:
-        for lineno, line in enumerate(lines, 1):
+        for lineno, raw_line in enumerate(lines, 1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line: {e.reason})") from None
             if not line.strip():
                 continue
             try:
@@ -127,13 +145,25 @@ def prepare(
     for path in inputs:
         if not os.path.isfile(path):
             raise DataError(f"input file {path} does not exist")
+    # Check the output before any tokenizing: a bad --output fails at once and leaves nothing behind.
+    if paths.is_remote(output):
+        raise DataError(f"--output {output}: prepare writes a local directory; copy it to {output} afterwards "
+                        "(train_set and val_set read gs:// directories)")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise DataError(f"--output {output} is a file, not a directory; give a directory to write {INDEX} and the "
+                        "token shards to")
     if os.path.exists(os.path.join(output, INDEX)) and not overwrite:
         raise DataError(f"{output} already holds a prepared data set ({INDEX}); pass --overwrite to replace it")
     workers = workers or os.cpu_count() or 1
     record_len = seq + 1
     tmp = output.rstrip("/") + ".tmp-prepare"
+    if os.path.exists(tmp) and not os.path.isdir(tmp):
+        raise DataError(f"{tmp} is a file; prepare needs that name for its temporary directory")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise DataError(f"--output {output}: cannot create {tmp} ({e.strerror or e})") from None
     records_per_shard = max(SHARD_BYTES // (2 * record_len), 1)
 
     shards: list[dict] = []
@@ -202,18 +232,29 @@ def prepare(
             f"the corpus ({', '.join(inputs)}) gave {totals['num_tokens']} tokens in {totals['num_documents']} "
             f"documents: fewer than one record of seq + 1 = {record_len} tokens; add text or lower --seq"
         )
+    try:
+        index = _finish_prepare(output, tmp, shards, totals, seq, len(buf), inputs)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return index
+
+
+def _finish_prepare(output: str, tmp: str, shards: list, totals: dict, seq: int, dropped: int,
+                    inputs: Sequence[str]) -> dict:
+    """Write ``index.json`` into ``tmp`` and move the prepared set to ``output``; returns the index."""
     index = {
         "format": FORMAT,
         "version": 1,
         "seq": seq,
-        "record_len": record_len,
+        "record_len": seq + 1,
         "dtype": "uint16",
         "shards": shards,
         "num_records": totals["num_records"],
         "num_tokens": totals["num_tokens"],
         "num_documents": totals["num_documents"],
         "num_bytes": int(round(totals["num_bytes"])),
-        "dropped_tokens": int(len(buf)),
+        "dropped_tokens": int(dropped),
         "eos_token_id": EOS_TOKEN_ID,
         "sources": [os.path.abspath(p) for p in inputs],
     }
@@ -236,33 +277,48 @@ def prepare(
 class TokenRecords:
     """Random access to the ``[seq + 1]`` uint16 records of a prepared directory (grain data source).
 
-    ``len(r)`` records; ``r[i]`` is a fresh ``np.ndarray[uint16]`` of shape ``[seq + 1]``. Shards are
-    memory-mapped on first use (so the object pickles small for grain workers).
+    ``len(r)`` records; ``r[i]`` is a fresh ``np.ndarray[uint16]`` of shape ``[seq + 1]``. A local directory's
+    shards are memory-mapped on first use (so the object pickles small for grain workers); a remote one's
+    (``gs://bucket/data``, read through etils.epath) are opened on first use and each record is one ranged read.
     """
 
     def __init__(self, directory: str, key: str = "data directory") -> None:
         self.directory = directory
-        index_path = os.path.join(directory, INDEX)
-        if not os.path.isdir(directory):
+        self._remote = paths.is_remote(directory)
+        index_path = paths.join(directory, INDEX)
+        try:
+            found_dir = paths.isdir(directory)
+            found_index = found_dir and paths.isfile(index_path)
+            text = paths.read_text(index_path) if found_index else ""
+        except OSError as e:
+            raise DataError(f"{key} {directory}: cannot read it ({type(e).__name__}: {e})") from None
+        except ImportError as e:  # e.g. gs:// without gcsfs
+            raise DataError(f"{key} {directory}: cannot read it ({e})") from None
+        if not found_dir:
             raise DataError(f"{key} {directory} does not exist; create it with `gptj-jax prepare --output {directory}`")
-        if not os.path.isfile(index_path):
+        if not found_index:
             raise DataError(f"{key} {directory} has no {INDEX}: not a directory written by `gptj-jax prepare` "
                             "(or prepare did not finish)")
-        with open(index_path, encoding="utf-8") as f:
-            self.index = json.load(f)
-        if self.index.get("format") != FORMAT:
-            raise DataError(f"{index_path}: format is {self.index.get('format')!r}, expected {FORMAT!r}")
+        try:
+            self.index = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{index_path}: not valid JSON ({e})") from None
+        if not isinstance(self.index, dict) or self.index.get("format") != FORMAT:
+            got = self.index.get("format") if isinstance(self.index, dict) else type(self.index).__name__
+            raise DataError(f"{index_path}: format is {got!r}, expected {FORMAT!r}")
         self.seq = int(self.index["seq"])
         self.record_len = int(self.index["record_len"])
         counts = [int(s["records"]) for s in self.index["shards"]]
         self._starts = np.cumsum([0] + counts)
         self._maps: list[Optional[np.ndarray]] = [None] * len(counts)
+        self._files: list[Any] = [None] * len(counts)  # remote: open binary files
+        self._lock = threading.Lock()
         if self._starts[-1] == 0:
             raise DataError(f"{key} {directory} holds no records")
         for s in self.index["shards"]:
-            path = os.path.join(directory, s["file"])
+            path = paths.join(directory, s["file"])
             expected = int(s["records"]) * self.record_len * 2
-            if not os.path.isfile(path) or os.path.getsize(path) != expected:
+            if not paths.isfile(path) or paths.size(path) != expected:
                 raise DataError(f"{path}: missing or not {expected} bytes ({s['records']} records of {self.record_len})")
 
     def __len__(self) -> int:
@@ -276,11 +332,27 @@ class TokenRecords:
             self._maps[i] = m
         return m
 
+    def _read_remote(self, i: int, row: int) -> np.ndarray:
+        """Record ``row`` of remote shard ``i``: one seek and read (under a lock: grain reads from threads)."""
+        nbytes = self.record_len * 2
+        with self._lock:
+            f = self._files[i]
+            if f is None:
+                f = paths.epath(paths.join(self.directory, self.index["shards"][i]["file"])).open("rb")
+                self._files[i] = f
+            f.seek(row * nbytes)
+            data = f.read(nbytes)
+        if len(data) != nbytes:
+            raise DataError(f"{self.directory}: shard {self.index['shards'][i]['file']} ended inside record {row}")
+        return np.frombuffer(data, dtype="<u2").astype(np.uint16)
+
     def __getitem__(self, idx: int) -> np.ndarray:
         idx = int(idx)
         if not 0 <= idx < len(self):
             raise IndexError(f"record {idx} out of range [0, {len(self)})")
         s = int(np.searchsorted(self._starts, idx, side="right") - 1)
+        if self._remote:
+            return self._read_remote(s, idx - int(self._starts[s]))
         return np.array(self._shard(s)[idx - self._starts[s]], dtype=np.uint16)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
@@ -290,7 +362,13 @@ class TokenRecords:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_maps"] = [None] * len(self._maps)
+        state["_files"] = [None] * len(self._files)
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:  # goes into grain's saved state: no paths, so a moved data set still restores
         return f"TokenRecords(records={len(self)}, record_len={self.record_len})"

@@ -11,6 +11,10 @@ config, so ``gptj-jax convert model_dir ...`` reads the newest step)::
     model_dir/<step>/data/          grain iterator state (the data position), one file per process
     model_dir/<step>/meta/          JSON: step, tokens seen, the training config, the mesh
 
+``model_dir`` may be local or a URL (``gs://bucket/run``): a URL goes to orbax, the config and metrics
+writers and TensorBoard unchanged (see ``paths.py``), and before anything is compiled the run checks that it can
+write there and read ``train_set`` / ``val_set``, so a bad path fails in seconds.
+
 Saves are asynchronous (the next steps run while the files are written) and atomic (orbax writes a
 temporary directory and renames it when complete: a run killed mid-save leaves the previous checkpoint as
 the newest). Every ``ckpt_every`` steps, at ``total_steps``, and on SIGTERM / Ctrl-C. The last
@@ -27,6 +31,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -36,11 +41,15 @@ import numpy as np
 from gptj_jax import sharding as sh
 from gptj_jax.config import GPTJConfig
 from gptj_jax.train import data as data_lib
+from gptj_jax.train import paths
 from gptj_jax.train import step as step_lib
 from gptj_jax.train.config import TrainConfig, TrainConfigError, mesh_sizes, model_config_for
 from gptj_jax.train.optimizer import mtj_optimizer, mtj_schedule
 
 METRICS_FILE = "metrics.jsonl"
+# A remote metrics.jsonl cannot be appended to: it is rewritten whole at most this often (and at every
+# checkpoint and at the end of the run).
+REMOTE_FLUSH_SECS = 60.0
 
 
 class TrainingDiverged(RuntimeError):
@@ -200,39 +209,106 @@ class _Stopper:
             signal.signal(s, old)
 
 
+class MetricsFileError(ValueError):
+    """``metrics.jsonl`` has a line that is not a JSON object (other than a torn last line); names file and line."""
+
+
+def _kept_metrics_lines(text: str, path: str, resume_step: int) -> tuple[list[str], bool]:
+    """The lines of a ``metrics.jsonl`` (``text``) a run resuming from ``resume_step`` keeps, and whether any was
+    dropped: rows past ``resume_step`` (written by a killed run after its last checkpoint) and a torn last line
+    (a kill in the middle of a write; dropped with a warning). Any other bad line is a MetricsFileError."""
+    lines = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+    kept, dropped = [], False
+    for i, (lineno, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}:{lineno}: dropping a torn last line (a run killed while writing it?): "
+                              f"not valid JSON ({e})", stacklevel=3)
+                dropped = True
+                continue
+            raise MetricsFileError(f"{path}:{lineno}: not valid JSON ({e}); fix or delete that line to resume") from None
+        if not isinstance(row, dict):
+            raise MetricsFileError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+        if row.get("step", 0) <= resume_step:
+            kept.append(line + "\n")
+        else:
+            dropped = True
+    return kept, dropped
+
+
 class _Logger:
-    """metrics.jsonl (+ TensorBoard when tensorboardX is installed) on process 0."""
+    """metrics.jsonl (+ TensorBoard when tensorboardX is installed) on process 0.
+
+    A local ``metrics.jsonl`` gets one appended line per row. A remote one (``gs://``: objects cannot be
+    appended to) is kept in memory and rewritten whole every REMOTE_FLUSH_SECS, at ``flush()`` (each checkpoint)
+    and at ``close()``. Opening it for a resumed run drops the rows past ``resume_step`` and a torn last line,
+    rewriting the file atomically. A TensorBoard writer that cannot open its directory is a TrainConfigError.
+    """
 
     def __init__(self, model_dir: str, resume_step: int, tensorboard: bool) -> None:
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(model_dir, METRICS_FILE)
+        self.path = paths.join(model_dir, METRICS_FILE)
+        self.remote = paths.is_remote(model_dir)
+        self.lines: list[str] = []  # remote: the whole file
+        self.dirty = False
+        self.last_flush = time.monotonic()
         self.tb = None
         if not self.enabled:
             return
-        if os.path.exists(self.path):  # drop rows a killed run wrote past the checkpoint we resume from
-            with open(self.path, encoding="utf-8") as f:
-                rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(self.path, "w", encoding="utf-8") as f:
-                f.writelines(rows)
+        if paths.exists(self.path):  # drop rows a killed run wrote past the checkpoint we resume from
+            kept, dropped = _kept_metrics_lines(paths.read_text(self.path, errors="replace"), self.path, resume_step)
+            if dropped:
+                paths.write_text_atomic(self.path, "".join(kept))
+            if self.remote:
+                self.lines = kept
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self.tb = SummaryWriter(os.path.join(model_dir, "tensorboard"))
+                tb_dir = paths.join(model_dir, "tensorboard")
+                try:
+                    self.tb = SummaryWriter(tb_dir)
+                except Exception as e:  # any failure to open the writer: one clear error at start-up
+                    raise TrainConfigError(
+                        f"key 'tensorboard': cannot write TensorBoard files to {tb_dir} ({type(e).__name__}: {e}); "
+                        "set tensorboard=false, or install what tensorboardX needs for that path "
+                        "(google-cloud-storage for gs://, boto3 for s3://)"
+                    ) from None
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        if self.remote:
+            self.lines.append(line)
+            self.dirty = True
+            if time.monotonic() - self.last_flush >= REMOTE_FLUSH_SECS:
+                self.flush()
+        else:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, row["step"])
 
+    def flush(self) -> None:
+        """Write out what is buffered: the whole remote metrics.jsonl, and TensorBoard's queue."""
+        if not self.enabled:
+            return
+        if self.remote and self.dirty:
+            paths.write_text_atomic(self.path, "".join(self.lines))
+            self.dirty = False
+            self.last_flush = time.monotonic()
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self) -> None:
+        self.flush()
         if self.tb is not None:
             self.tb.close()
 
@@ -270,9 +346,14 @@ def train(cfg: TrainConfig) -> dict:
         raise TrainConfigError(f"global micro-batch {micro} does not split over {jax.process_count()} processes")
 
     # ---- model shape (a resumed run's own config.json, else the `model` checkpoint's, else the keys)
-    model_dir = os.path.abspath(cfg.model_dir)
-    saved_config = os.path.join(model_dir, "config.json")
-    if os.path.isfile(saved_config):
+    # A local model_dir is made absolute; a URL (gs://bucket/run) is used as it is, everywhere.
+    model_dir = paths.run_path(cfg.model_dir)
+    saved_config = paths.join(model_dir, "config.json")
+    try:
+        resuming = paths.isfile(saved_config)
+    except Exception as e:  # ImportError / ValueError / OSError from a URL's filesystem (no gcsfs...)
+        raise TrainConfigError(f"key 'model_dir': cannot read {model_dir} ({type(e).__name__}: {e})") from None
+    if resuming:
         model_cfg = model_config_for(cfg, GPTJConfig.from_pretrained(saved_config))
     elif cfg.model:
         model_cfg = model_config_for(cfg, _checkpoint_config(cfg.model, cfg))
@@ -291,10 +372,20 @@ def train(cfg: TrainConfig) -> dict:
                 f"val_set.{name} ({directory}) has {len(val_records[name])} records, fewer than one batch of {micro}"
             )
 
-    # ---- checkpoint manager
-    os.makedirs(model_dir, exist_ok=True)
+    # ---- model_dir: created and written to now, so a bad path fails here and not at the first checkpoint
+    try:
+        paths.check_writable(model_dir)
+    except Exception as e:  # OSError, or ImportError / ValueError from a URL's filesystem (no gcsfs...)
+        raise TrainConfigError(f"key 'model_dir': cannot write to {model_dir} ({type(e).__name__}: {e})") from None
+
+    # ---- checkpoint manager and logs (before compiling: a TensorBoard writer that cannot open fails now)
     mngr = _manager(model_dir, cfg)
     latest = mngr.latest_step()
+    try:
+        logger = _Logger(model_dir, latest or 0, cfg.tensorboard)
+    except BaseException:
+        mngr.close()
+        raise
     param_dtype = step_lib.DTYPES[cfg.param_dtype]
     scfg = step_lib.StepConfig(model_cfg, cfg.dtype, cfg.remat, cfg.forward, cfg.z_loss, k)
     opt_key = (cfg.warmup_steps, cfg.anneal_steps_value, cfg.lr, cfg.end_lr_value, cfg.weight_decay, k, cfg.clip_norm,
@@ -337,7 +428,6 @@ def train(cfg: TrainConfig) -> dict:
     peak = cfg.peak_flops or measure_peak_flops(step_lib.DTYPES[cfg.dtype])
     peak_total = peak * jax.device_count()
 
-    logger = _Logger(model_dir, start, cfg.tensorboard)
     main = jax.process_index() == 0
     if main:
         print(
@@ -351,6 +441,7 @@ def train(cfg: TrainConfig) -> dict:
         meta = {"step": step, "tokens_seen": tokens_seen, "train_config": cfg.to_dict(), "mesh": sh.describe_mesh(mesh),
                 "time": time.time()}
         _save(mngr, state, iterator, meta, force=force)
+        logger.flush()
 
     def run_eval(step: int) -> dict:
         row: dict = {"step": step}
