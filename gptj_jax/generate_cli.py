@@ -1,4 +1,4 @@
-"""The ``gptj-jax generate`` verb: flags in, :func:`gptj_jax.generate.generate` out.
+"""The ``gptj-jax generate`` verb: flags in, :func:`gptj_jax.generation.generate` out.
 
     gptj-jax generate --model DIR --prompt TEXT [--max-new-tokens N] [--greedy | --temperature T --top-k K
                       --top-p P --min-p M] [--seed S] [--stream]
@@ -9,10 +9,17 @@ reads one JSON object per line (``{"id": ..., "prompt": ...}``), skips ids alrea
 (so an interrupted run resumes), sorts the rest by token length and generates them ``--batch-size`` at
 a time, appending one JSON line per prompt (``id``, ``prompt``, ``completion``, ``num_new_tokens``,
 ``finish_reason``) after each batch. Each prompt's PRNG key comes from ``--seed`` and its id, so a
-resumed run samples what an uninterrupted one would have.
+resumed run samples what an uninterrupted one would have. Completion text is decoded without special
+tokens (no ``<|endoftext|>``).
+
+``--output`` must be a new file or a results file this tool wrote (every line a JSON object with
+``id`` and ``completion`` / ``completions``); the only defect repaired is a torn last line (no newline,
+not JSON: a run killed mid-write), which is cut off with a warning. Anything else, or the ``--input``
+file itself, is refused and left as it is.
 
 Everything is checked before anything is written: the flags, the model directory and its
-config.json, every prompt (empty? longer than the model allows?); the weights are loaded last.
+config.json, every prompt (empty? longer than the model allows? ids outside the vocabulary?), the
+output file; the weights are loaded last.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass in (0, 1] (turns sampling on)")
     p.add_argument("--min-p", type=float, metavar="M", help="min-p filter in [0, 1] (turns sampling on)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="> 0, 1 = off (default)")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed in [0, 2**64) (default 0)")
     p.add_argument("--num-return-sequences", type=int, default=1, metavar="N", help="continuations per prompt")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument(
@@ -88,6 +95,11 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     given = [flag for flag, value in chosen.items() if value is not None]
     if args.greedy and given:
         raise ValueError(f"--greedy conflicts with {', '.join(given)} (those turn sampling on)")
+    if not given and args.num_return_sequences > 1:
+        raise ValueError(
+            f"--num-return-sequences {args.num_return_sequences} needs sampling (--temperature, --top-k, --top-p "
+            "or --min-p): greedy decoding would repeat the same sequence"
+        )
     kwargs = {
         "do_sample": bool(given),
         "temperature": 1.0 if args.temperature is None else args.temperature,
@@ -112,6 +124,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     ):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.seed >= 2**64:
+        raise ValueError(f"--seed must be < 2**64, got {args.seed}")
     if args.min_new_tokens > args.max_new_tokens:
         raise ValueError(f"--min-new-tokens ({args.min_new_tokens}) must be <= --max-new-tokens ({args.max_new_tokens})")
     if args.input is not None and not args.output:
@@ -120,6 +134,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ValueError("--output is for batch mode (--input); single-prompt mode prints to stdout")
     if args.stream and args.input is not None:
         raise ValueError("--stream is for single-prompt mode (--prompt)")
+    if args.logprobs and args.input is None:
+        raise ValueError("--logprobs is for batch mode (--input/--output); single-prompt mode prints text only")
     if args.stream and args.num_return_sequences > 1:
         raise ValueError("--stream prints one sequence; use --num-return-sequences 1")
     if args.no_eos and args.eos_token_id:
@@ -145,8 +161,12 @@ def _read_prompts(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--input {path}: no such file")
     items, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"--input {path} line {n}: not UTF-8 text (byte {e.start}: {e.reason})") from None
             if not line.strip():
                 continue
             try:
@@ -167,33 +187,80 @@ def _read_prompts(path: str) -> list[dict]:
     return items
 
 
-def _done_ids(path: str) -> set[str]:
-    """Ids already in the output file (as canonical JSON). A torn last line (killed mid-write) is cut off."""
+RESULT_KEYS = ("completion", "completions")  # one of these is in every line this tool writes
+RECORD_START = b'{"id": '  # how every line this tool writes begins (json.dumps of a dict whose first key is id)
+
+
+def _same_file(a: str, b: str) -> bool:
+    """True when the two paths name one file (through symlinks, relative paths or hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _scan_output(path: str, input_path: str) -> tuple[set[str], int, bool]:
+    """Check that ``--output`` may be appended to; returns (ids already there as canonical JSON, the size
+    to cut it to, whether a newline must be added before appending).
+
+    The file must not exist, or be a results file this tool wrote: every line a JSON object with ``id``
+    and ``completion`` or ``completions``. The one defect accepted is a torn last line (no newline, not
+    JSON or cut inside a UTF-8 character, beginning as this tool's lines do: a run killed mid-write), to
+    be cut off; anything else raises naming the file and the line, and nothing is changed (this only reads).
+    """
+    if _same_file(path, input_path):
+        raise ValueError(f"--output {path} is the --input file; write the results to another file")
     done: set[str] = set()
     if not os.path.exists(path):
-        return done
-    good_end = 0
+        return done, 0, False
+    if not os.path.isfile(path):
+        raise ValueError(f"--output {path}: not a regular file")
     with open(path, "rb") as f:
         data = f.read()
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
+    lines = data.splitlines(keepends=True)
+    keep, newline = len(data), False
+    for n, line in enumerate(lines, 1):
+        torn = n == len(lines) and not line.endswith(b"\n")
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if isinstance(obj, dict) and "id" in obj:
-            done.add(json.dumps(obj["id"], sort_keys=True))
-        good_end += len(line)
-    if good_end < len(data):
+            obj = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            if torn and line.startswith(RECORD_START):
+                keep = len(data) - len(line)
+                break
+            raise ValueError(
+                f"--output {path} line {n}: not a results line of gptj-jax generate (not JSON); "
+                "refusing to append to a file this tool did not write"
+            ) from None
+        if not isinstance(obj, dict) or "id" not in obj or not any(k in obj for k in RESULT_KEYS):
+            raise ValueError(
+                f'--output {path} line {n}: not a results line of gptj-jax generate (expected an object with "id" '
+                'and "completion" or "completions"); refusing to append to a file this tool did not write'
+            )
+        done.add(json.dumps(obj["id"], sort_keys=True))
+        newline = torn
+    return done, keep, newline
+
+
+def _cut_torn_line(path: str, size: int) -> None:
+    """Cut the torn last line ``_scan_output`` found (the file is this tool's, written by appending)."""
+    cut = os.path.getsize(path) - size
+    if cut > 0:
+        print(f"gptj-jax generate: warning: --output {path}: cutting a torn last line ({cut} bytes, not JSON) "
+              "left by an interrupted run", file=sys.stderr)
         with open(path, "r+b") as f:
-            f.truncate(good_end)
-    return done
+            f.truncate(size)
 
 
 def _check_prompt(config: Any, ids: list[int], max_new: int, where: str) -> None:
     if not ids:
         raise ValueError(f"{where}: empty prompt (it has no tokens)")
+    outside = [i for i in ids if not 0 <= i < config.vocab_size]
+    if outside:
+        raise ValueError(
+            f"{where}: token id {outside[0]} is outside the model's vocabulary (vocab_size {config.vocab_size})"
+        )
     if len(ids) + max_new > config.n_positions:
         raise ValueError(
             f"{where}: prompt too long: {len(ids)} tokens + --max-new-tokens {max_new} = {len(ids) + max_new} "
@@ -222,6 +289,7 @@ def run_generate(args: argparse.Namespace) -> int:
         for item in items:
             item["ids"] = tokenizer(item["prompt"])["input_ids"]
             _check_prompt(config, item["ids"], max_new, f"--input line {item['line']} (id {item['id']!r})")
+        scan = _scan_output(args.output, args.input)
     else:
         ids = tokenizer(args.prompt)["input_ids"]
         _check_prompt(config, ids, max_new, "--prompt")
@@ -229,7 +297,7 @@ def run_generate(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from gptj_jax import from_pretrained
-    from gptj_jax.generate import enable_compilation_cache
+    from gptj_jax.generation import enable_compilation_cache
 
     if args.compilation_cache is not None:
         enable_compilation_cache(args.compilation_cache or None)
@@ -241,7 +309,7 @@ def run_generate(args: argparse.Namespace) -> int:
         num_return_sequences=args.num_return_sequences, tokenizer=tokenizer, mesh=_mesh(args.mesh),
     )
     if args.input is not None:
-        return _run_batch(args, config, params, tokenizer, items, common)
+        return _run_batch(args, config, params, tokenizer, items, common, scan)
     return _run_single(args, config, params, tokenizer, ids, common)
 
 
@@ -255,7 +323,7 @@ def _mesh(text: Optional[str]):
 
 
 def _run_single(args, config, params, tokenizer, ids: list[int], common: dict) -> int:
-    from gptj_jax.generate import generate
+    from gptj_jax.generation import generate
 
     out = sys.stdout
     t0 = time.perf_counter()
@@ -266,7 +334,7 @@ def _run_single(args, config, params, tokenizer, ids: list[int], common: dict) -
 
         def show(chunk) -> None:
             collected.extend(chunk.tokens[0].tolist())
-            text = tokenizer.decode(collected[: int(chunk.num_new_tokens[0])])
+            text = tokenizer.decode(collected[: int(chunk.num_new_tokens[0])], skip_special_tokens=True)
             if chunk.output is None:
                 text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for the next token
             if text.startswith(printed[0]):
@@ -283,7 +351,7 @@ def _run_single(args, config, params, tokenizer, ids: list[int], common: dict) -
             if r:
                 out.write("\n---\n")
             n = int(result.num_new_tokens[r])
-            out.write(args.prompt + tokenizer.decode(result.new_tokens[r, :n].tolist()))
+            out.write(args.prompt + tokenizer.decode(result.new_tokens[r, :n].tolist(), skip_special_tokens=True))
         out.write("\n")
     out.flush()
     if not args.quiet:
@@ -293,12 +361,14 @@ def _run_single(args, config, params, tokenizer, ids: list[int], common: dict) -
     return 0
 
 
-def _run_batch(args, config, params, tokenizer, items: list[dict], common: dict) -> int:
+def _run_batch(args, config, params, tokenizer, items: list[dict], common: dict, scan: tuple) -> int:
     from tqdm import tqdm
 
-    from gptj_jax.generate import generate
+    from gptj_jax.generation import generate
 
-    done = _done_ids(args.output)
+    done, keep, newline = scan
+    if os.path.exists(args.output):
+        _cut_torn_line(args.output, keep)
     pending = [it for it in items if json.dumps(it["id"], sort_keys=True) not in done]
     if not pending:
         if not args.quiet:
@@ -312,6 +382,8 @@ def _run_batch(args, config, params, tokenizer, items: list[dict], common: dict)
     generated, t0 = 0, time.perf_counter()
     R = args.num_return_sequences
     with open(args.output, "a", encoding="utf-8") as f:
+        if newline:  # a complete last line without its newline
+            f.write("\n")
         for start in range(0, len(pending), args.batch_size):
             batch = pending[start: start + args.batch_size]
             result = generate(
@@ -323,7 +395,7 @@ def _run_batch(args, config, params, tokenizer, items: list[dict], common: dict)
                 texts, counts, reasons, logprobs = [], [], [], []
                 for r in range(b * R, (b + 1) * R):
                     n = int(result.num_new_tokens[r])
-                    texts.append(tokenizer.decode(result.new_tokens[r, :n].tolist()))
+                    texts.append(tokenizer.decode(result.new_tokens[r, :n].tolist(), skip_special_tokens=True))
                     counts.append(n)
                     reasons.append(result.finish_reasons[r])
                     if result.logprobs is not None:

@@ -391,7 +391,7 @@ def format_plan(plan: Plan) -> str:
 # ---------------------------------------------------------------------------------------- CLI
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``gptj-jax plan``."""
-    parser.add_argument("--config", required=True, help="config.json of the model (e.g. configs/gptj-6b.json)")
+    parser.add_argument("--config", required=True, help="config.json of the model, or a preset name (e.g. gptj-6b)")
     parser.add_argument("--mesh", default="dp=1,fsdp=1,mp=1", help="mesh sizes, e.g. dp=1,fsdp=1,mp=8 (-1 = the rest)")
     parser.add_argument("--batch", type=int, default=1, help="global batch (rows) per step")
     parser.add_argument("--seq", type=int, default=2048, help="sequence length (cache slots for inference)")
@@ -420,7 +420,7 @@ def run_plan(args: argparse.Namespace, out: Callable[[str], None] = print) -> in
     from gptj_jax.config import GPTJConfig
     from gptj_jax.sharding import parse_mesh, resolve_mesh_shape
 
-    config = GPTJConfig.from_pretrained(args.config)
+    config = GPTJConfig.load(args.config)
     sizes = parse_mesh(args.mesh)
     if -1 in sizes.values():
         raise ValueError(f"--mesh {args.mesh!r}: plan needs every axis size (no -1): it simulates that many devices")

@@ -19,11 +19,13 @@ between calls does not recompile. What does change the compiled program is *whic
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Array = jax.Array
@@ -130,6 +132,11 @@ def suppress_ids_from(logits: Array, suppress_from: Array) -> Array:
 
 
 # ---------------------------------------------------------------------------------------- parameters
+def _is_real(value: Any) -> bool:
+    """A Python int or float (not bool); numpy scalars are converted before this check."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class SamplingSpec(NamedTuple):
     """The static part of sampling: which processors run. Part of the compiled program's key."""
 
@@ -160,23 +167,29 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
+        # numpy scalars (np.float32(0.7), np.int64(40)) are accepted like Python numbers, then stored as such
+        for name, kind in (("temperature", float), ("top_k", int), ("top_p", float), ("min_p", float),
+                           ("repetition_penalty", float)):
+            value = getattr(self, name)
+            if isinstance(value, np.integer) or (kind is float and isinstance(value, np.floating)):
+                object.__setattr__(self, name, value.item())
         t = self.temperature
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or t != t or t < 0:
-            raise SamplingError(f"temperature must be a number >= 0, got {t!r}", "temperature")
+        if not _is_real(t) or not math.isfinite(t) or t < 0:
+            raise SamplingError(f"temperature must be a finite number >= 0, got {t!r}", "temperature")
         if self.do_sample and t == 0:
             raise SamplingError("temperature 0 with sampling: use greedy decoding instead", "temperature")
         k = self.top_k
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
             raise SamplingError(f"top_k must be an integer >= 0 (0 turns it off), got {k!r}", "top_k")
         p = self.top_p
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 < p <= 1.0:
+        if not _is_real(p) or not 0.0 < p <= 1.0:
             raise SamplingError(f"top_p must be in (0, 1], got {p!r}", "top_p")
         m = self.min_p
-        if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0.0 <= m <= 1.0:
+        if not _is_real(m) or not 0.0 <= m <= 1.0:
             raise SamplingError(f"min_p must be in [0, 1], got {m!r}", "min_p")
         r = self.repetition_penalty
-        if not isinstance(r, (int, float)) or isinstance(r, bool) or not r > 0:
-            raise SamplingError(f"repetition_penalty must be > 0, got {r!r}", "repetition_penalty")
+        if not _is_real(r) or not math.isfinite(r) or not r > 0:
+            raise SamplingError(f"repetition_penalty must be a finite number > 0, got {r!r}", "repetition_penalty")
 
     def spec(self, *, min_new_tokens: bool = False, suppress: bool = False, logprobs: bool = True) -> SamplingSpec:
         """Which processors are on (static)."""
@@ -243,17 +256,32 @@ def process_logits(
     return logits
 
 
+SEED_LIMIT = 2**64  # seeds are 64-bit: both 32-bit words go into the key
+
+
+def seed_key(seed: int) -> np.ndarray:
+    """Raw PRNG key data ``[2]`` uint32 of a seed in ``[0, 2**64)``: ``[seed >> 32, seed & 0xFFFFFFFF]``.
+
+    For ``seed < 2**32`` this is exactly ``jax.random.PRNGKey(seed)`` (so results of those seeds do not
+    change); larger seeds keep their high word instead of wrapping (``2**32`` is not ``0``).
+    """
+    seed = int(seed)
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
+    return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+
+
 def row_keys(seed: int, rows: int) -> Array:
     """One PRNG key per row, ``fold_in(key(seed), row)``: a row's draws do not depend on the batch it is in.
-    Returns raw key data ``[rows, 2]`` uint32."""
-    base = jax.random.PRNGKey(seed)
+    ``seed`` in ``[0, 2**64)`` (:func:`seed_key`). Returns raw key data ``[rows, 2]`` uint32."""
+    base = jnp.asarray(seed_key(seed))
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(rows, dtype=jnp.uint32))
 
 
 def prompt_keys(seeds: Sequence[int], repeats: int, rows: int) -> Array:
     """Per-prompt seeds: row ``b * repeats + r`` gets ``fold_in(key(seeds[b]), r)``; rows past
-    ``len(seeds) * repeats`` (batch padding) get key 0. Returns ``[rows, 2]`` uint32."""
-    per_prompt = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds, jnp.uint32))  # [B, 2]
+    ``len(seeds) * repeats`` (batch padding) get key 0. Seeds in ``[0, 2**64)``. Returns ``[rows, 2]`` uint32."""
+    per_prompt = jnp.asarray(np.stack([seed_key(s) for s in seeds]))  # [B, 2]
     keys = jax.vmap(lambda k: jax.vmap(lambda r: jax.random.fold_in(k, r))(jnp.arange(repeats, dtype=jnp.uint32)))(
         per_prompt
     ).reshape(-1, 2)  # [B * repeats, 2]
@@ -275,7 +303,10 @@ def sample(
     ``processor_inputs`` go to :func:`process_logits`.
 
     Returns ``(tokens [B] int32, logprobs [B] float32)``: the log-probability of each chosen token under
-    the processed distribution it was drawn from (for plain greedy, the model's log-softmax); ``None``
+    the processed distribution it was drawn from, ``log_softmax(process_logits(...))``. For greedy that is
+    the model's log-softmax after the processors that also run when greedy (repetition penalty,
+    min_new_tokens, suppression): with suppression on, it is renormalised over the ids ``< suppress_from``
+    (e.g. GPT-J's 50257 text ids), not the model's log-softmax over the whole vocabulary. ``None``
     instead of logprobs when ``spec.logprobs`` is False.
     """
     processed = process_logits(logits, spec, knobs, step=step, **processor_inputs)  # [B, V]

@@ -1,6 +1,6 @@
 """Generation speed on this CPU: ours against transformers ``generate`` on the same weights, in one run.
 
-    python scripts/bench_generate.py [--config configs/gptj-162m.json] [--repeats 3] [--only decode1 ...]
+    python scripts/bench_generate.py [--config gptj_jax/presets/gptj-162m.json] [--repeats 3] [--only decode1 ...]
 
 Rows (162M GPT-J config, float32 unless marked):
 
@@ -121,7 +121,7 @@ def build_models(config_path: str, seed: int = 0):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=os.path.join(REPO, "configs", "gptj-162m.json"))
+    parser.add_argument("--config", default=os.path.join(REPO, "gptj_jax", "presets", "gptj-162m.json"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", choices=["prefill", "decode1", "decode16", "bf16"], default=None)
     args = parser.parse_args()
@@ -131,7 +131,7 @@ def main() -> int:
     import jax.numpy as jnp
     import torch
 
-    from gptj_jax.generate import generate, prefill
+    from gptj_jax.generation import generate, prefill
 
     config, hf, params_np = build_models(args.config)
     params = jax.tree.map(jnp.asarray, params_np)

@@ -11,7 +11,7 @@ For each device count n, one subprocess (``jax_num_cpu_devices = n``) runs:
   (``tp.py``'s Megatron forward) on the pure tensor-parallel mesh ``mp=n``, ``shard_map`` on the
   pure FSDP mesh ``fsdp=n`` (weights all-gathered per block), and ``jit`` on the pure data-parallel
   mesh ``dp=n``;
-* one greedy decode step (``generate.decode_step``, the real one, cache donated) for ``batch`` rows
+* one greedy decode step (``generation.decode_step``, the real one, cache donated) for ``batch`` rows
   against a ``cache_len`` cache, params and cache sharded by the rules, on ``mp=n``.
 
 Peer: the same step on 1 device (ratio = ours / 1 device). Floor: the matmul FLOP/s of one device
@@ -52,7 +52,7 @@ def child(n: int, config: dict, batch: int, seq: int, cache_len: int, reps: int)
     from gptj_jax import tp
     from gptj_jax.cache import init_cache
     from gptj_jax.config import GPTJConfig
-    from gptj_jax.generate import decode_step, prefill
+    from gptj_jax.generation import decode_step, prefill
     from gptj_jax.model import init_params
     from gptj_jax.train.loop import measure_peak_flops
 
@@ -127,7 +127,7 @@ def table(results: list[dict], config: dict, batch: int, seq: int, cache_len: in
         "",
         f"`python scripts/bench_sharding.py`: GPT-J with n_embd {config['n_embd']}, {config['n_layer']} layers, "
         f"{config['n_head']} heads, vocab {config['vocab_size']}; forward on [{batch}, {seq}] tokens, float32; "
-        f"decode = one greedy `generate.decode_step` for {batch} rows against a {cache_len}-slot cache. "
+        f"decode = one greedy `generation.decode_step` for {batch} rows against a {cache_len}-slot cache. "
         "Simulated CPU devices share this host's cores, so this is a sanity view: more devices cannot be faster "
         "here, and the ratio to 1 device shows the cost of partitioning on one host. Collectives are counted in "
         "the compiled HLO of one step (AR all-reduce, AG all-gather, RS reduce-scatter, CP collective-permute).",

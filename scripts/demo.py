@@ -66,7 +66,7 @@ def main(overrides: list[str]) -> int:
     import transformers
 
     from gptj_jax.convert import flax as flax_ckpt
-    from gptj_jax.generate import generate
+    from gptj_jax.generation import generate
     from gptj_jax.tokenizer import load_tokenizer
 
     tok = load_tokenizer()

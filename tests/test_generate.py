@@ -17,9 +17,9 @@ import torch
 from conftest import TINY, hf_model, left_padded_batch, params_of
 
 from gptj_jax import GPTJConfig, GPTJForCausalLM
-from gptj_jax import generate as generate_mod
+from gptj_jax import generation as generate_mod
 from gptj_jax.cli import main as cli_main
-from gptj_jax.generate import (
+from gptj_jax.generation import (
     TRACE_COUNTS,
     GenerationError,
     bucket,
@@ -219,7 +219,9 @@ def test_sampling_top_k_1_repeats_and_row_seeds(tiny):
                     temperature=2.0, seed=3)
     np.testing.assert_array_equal(top1.sequences, greedy.sequences)
 
-    rep = generate(TINY, params, ids, mask, max_new_tokens=20, eos_token_id=[], num_return_sequences=3)
+    # (greedy with num_return_sequences > 1 is an error now, as in Transformers; top_k=1 sampling is greedy)
+    rep = generate(TINY, params, ids, mask, max_new_tokens=20, eos_token_id=[], num_return_sequences=3,
+                   do_sample=True, top_k=1)
     np.testing.assert_array_equal(rep.sequences, np.repeat(greedy.sequences, 3, axis=0))
 
     sampled = generate(TINY, params, ids, mask, max_new_tokens=20, eos_token_id=[], do_sample=True,
@@ -397,7 +399,7 @@ CACHE_SCRIPT = """
 import sys, time, numpy as np
 sys.path.insert(0, {repo!r})
 from gptj_jax import GPTJConfig, init_params
-from gptj_jax.generate import enable_compilation_cache, generate
+from gptj_jax.generation import enable_compilation_cache, generate
 import jax
 enable_compilation_cache({cache!r})
 cfg = GPTJConfig(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4)
@@ -428,7 +430,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", 4)
 from conftest import hf_model, params_of, left_padded_batch
 from gptj_jax import GPTJConfig
-from gptj_jax.generate import generate
+from gptj_jax.generation import generate
 from gptj_jax.sharding import make_mesh
 cfg = GPTJConfig(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4)
 params = params_of(hf_model(cfg, seed=0, scale=3.0))
@@ -467,3 +469,269 @@ def test_cli_mesh_flag_gives_the_same_text(capsys, model_dir):
     bad = subprocess.run([sys.executable, "-c", script.replace("mp=2", "mp=3")], capture_output=True, text=True,
                          env=env, timeout=300)
     assert bad.returncode == 1 and "mp=3" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+# ============================================================================ regressions (issue 9)
+# vocab 1000 and the config's defaults: EOS 50256 (as transformers saves a small GPT-J), no pad id
+SMALL = GPTJConfig(vocab_size=1000, n_positions=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4)
+RESULT = {"id": 0, "prompt": "fine", "completion": " x", "num_new_tokens": 1, "finish_reason": "length"}
+
+
+@pytest.fixture(scope="module")
+def eos_model(tmp_path_factory):
+    """WIDE with EOS 50256 pushed up by 1e4 (saved, and our params): greedy emits it as soon as
+    min_new_tokens allows."""
+    hf = hf_model(WIDE, seed=0, scale=3.0)
+    with torch.no_grad():
+        hf.lm_head.bias[50256] += 1e4
+    path = tmp_path_factory.mktemp("eos-gptj")
+    hf.save_pretrained(path)
+    return str(path), params_of(hf)
+
+
+def test_default_eos_outside_vocab_with_left_padding(tiny):
+    """EOS 50256 >= vocab_size 1000 is also the default pad id: left-padded rows (pads holding 50256, as
+    a Transformers-style batch would) give each prompt's tokens alone and transformers', finite logprobs."""
+    assert SMALL.eos_token_id == 50256 and SMALL.pad_token_id is None
+    hf = hf_model(SMALL, seed=4, scale=3.0)
+    params = params_of(hf)
+    ids, mask, _ = left_padded_batch(SMALL.vocab_size, [7, 3, 5], seed=4)
+    padded = np.where(mask == 1, ids, 50256)
+    out = generate(SMALL, params, padded, mask, max_new_tokens=12, return_logprobs=True)
+    P = ids.shape[1]
+    assert np.isfinite(out.logprobs).all() and (out.logprobs < 0).all()
+    np.testing.assert_array_equal(out.sequences[:, :P], padded)  # the prompt part as given
+    assert out.finish_reasons == ["length"] * 3
+    for b in range(len(ids)):
+        alone = generate(SMALL, params, [ids[b][mask[b] == 1].tolist()], max_new_tokens=12, return_logprobs=True)
+        np.testing.assert_array_equal(out.new_tokens[b], alone.new_tokens[0])
+        np.testing.assert_allclose(out.logprobs[b], alone.logprobs[0], atol=1e-5)
+    ref = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False, max_new_tokens=12,
+                      pad_token_id=0)
+    np.testing.assert_array_equal(out.new_tokens, ref.numpy()[:, P:])
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(pad_token_id=60000), r"pad_token_id 60000 is outside the vocabulary \[0, 101\)"),
+        (dict(do_sample=True, temperature=float("inf")), "temperature must be a finite number"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty must be a finite number"),
+        (dict(num_return_sequences=2), "does not support num_return_sequences different than 1"),
+        (dict(do_sample=True, seed=2**64), r"seed must be an integer in \[0, 2\*\*64\)"),
+        (dict(do_sample=True, seed=[2**64]), r"seed\[0\] must be an integer in \[0, 2\*\*64\)"),
+    ],
+)
+def test_more_bad_input_raises_clear_error(tiny, kw, match):
+    _, params = tiny
+    with pytest.raises((GenerationError, SamplingError), match=match):
+        generate(TINY, params, [[1, 2, 3]], max_new_tokens=5, **kw)
+
+
+def test_numpy_scalar_knobs_equal_python_ones(tiny):
+    _, params = tiny
+    ids, mask, _ = left_padded_batch(TINY.vocab_size, [5, 8], seed=7)
+    kw = dict(eos_token_id=[], do_sample=True, seed=3)
+    py = generate(TINY, params, ids, mask, max_new_tokens=10, temperature=0.7, top_k=20, top_p=0.9, min_p=0.05,
+                  repetition_penalty=1.25, **kw)
+    npy = generate(TINY, params, ids, mask, max_new_tokens=np.int64(10), temperature=np.float32(0.7),
+                   top_k=np.int64(20), top_p=np.float64(0.9), min_p=np.float32(0.05),
+                   repetition_penalty=np.float32(1.25), **kw)
+    np.testing.assert_array_equal(npy.sequences, py.sequences)
+
+
+def test_any_number_of_eos_ids(tiny):
+    """Nine EOS ids (explicit, or the config's) end rows as the one of them that occurs does."""
+    _, params = tiny
+    ids, mask, _ = left_padded_batch(TINY.vocab_size, [5, 8], seed=7)
+    free = generate(TINY, params, ids, mask, max_new_tokens=20, eos_token_id=[])
+    stop = int(free.new_tokens[0, 5])
+    unused = [t for t in range(TINY.vocab_size) if t not in free.new_tokens][:8]
+    one = generate(TINY, params, ids, mask, max_new_tokens=20, eos_token_id=[stop], pad_token_id=0)
+    assert "eos" in one.finish_reasons
+    nine = generate(TINY, params, ids, mask, max_new_tokens=20, eos_token_id=unused + [stop], pad_token_id=0)
+    config9 = TINY.replace(eos_token_id=tuple(unused + [stop]))
+    default = generate(config9, params, ids, mask, max_new_tokens=20, pad_token_id=0)
+    for out in (nine, default):
+        np.testing.assert_array_equal(out.sequences, one.sequences)
+        assert out.finish_reasons == one.finish_reasons
+
+
+def test_seeds_use_both_32_bit_words(tiny):
+    """seed 2**32 is not seed 0; an int seed and a one-prompt list of it agree; 2**64 - 1 works."""
+    _, params = tiny
+    kw = dict(max_new_tokens=16, eos_token_id=[], do_sample=True)
+    zero = generate(TINY, params, [[1, 2, 3]], seed=0, **kw)
+    big = generate(TINY, params, [[1, 2, 3]], seed=2**32, **kw)
+    assert not np.array_equal(big.new_tokens, zero.new_tokens)
+    np.testing.assert_array_equal(generate(TINY, params, [[1, 2, 3]], seed=[2**32], **kw).sequences, big.sequences)
+    top = generate(TINY, params, [[1, 2, 3]], seed=2**64 - 1, **kw)
+    assert not np.array_equal(top.new_tokens, zero.new_tokens)
+
+
+def test_decode_step_on_a_full_cache_is_an_error(tiny):
+    _, params = tiny
+    ids, mask, _ = left_padded_batch(TINY.vocab_size, [4, 2], seed=3)
+    logits, cache = prefill(params, jnp.asarray(ids), jnp.asarray(mask), config=TINY, cache_len=5)
+    logits, cache = decode_step(params, cache, jnp.argmax(logits, -1).astype(jnp.int32), config=TINY)  # slot 4
+    assert int(cache["index"]) == 5
+    with pytest.raises(GenerationError, match=r"cache is full \(cache\['index'\] = 5, 5 slots\)"):
+        decode_step(params, cache, jnp.zeros((2,), jnp.int32), config=TINY)
+
+
+def test_greedy_logprobs_are_renormalised_over_text_ids(wide):
+    """With suppression on (vocab 50400), a greedy token's logprob is the log-softmax over the 50257 text
+    ids (docs/generation.md), not the model's log-softmax over all 50400."""
+    _, params = wide
+    bias = np.array(params["lm_head"]["bias"])
+    bias[50257:] += 6.0  # the padding rows get real probability mass
+    params = dict(params, lm_head=dict(params["lm_head"], bias=bias))
+    prompt = [15496, 995, 11]
+    out = generate(WIDE, params, [prompt], max_new_tokens=6, eos_token_id=[], return_logprobs=True)
+    assert (out.new_tokens < 50257).all()
+    logits = GPTJForCausalLM(WIDE).apply({"params": params}, jnp.asarray(out.sequences)).logits[0, 2:8]  # [6, V]
+    tok = out.new_tokens[0]
+    text = np.asarray(jax.nn.log_softmax(logits[:, :50257]))[np.arange(6), tok]
+    whole = np.asarray(jax.nn.log_softmax(logits))[np.arange(6), tok]
+    np.testing.assert_allclose(out.logprobs[0], text, atol=1e-4)
+    assert (text - whole).min() > 0.05, text - whole
+
+
+def test_eos_first_reports_eos_not_stop_string(eos_model, wide, tokenizer):
+    """Stop strings are matched on text without special tokens and before EOS: a row that ended on EOS
+    reports "eos", also when a stop string is the text of the EOS token itself."""
+    _, params = eos_model
+    prompt = [tokenizer("Hello world")["input_ids"]]
+    out = generate(WIDE, params, prompt, max_new_tokens=8, min_new_tokens=3, tokenizer=tokenizer,
+                   stop_strings=["<|endoftext|>", "endoftext"])
+    assert out.num_new_tokens.tolist() == [4] and int(out.new_tokens[0, 3]) == 50256
+    assert out.finish_reasons == ["eos"]
+
+    _, params = wide
+    free = generate(WIDE, params, prompt, max_new_tokens=16, eos_token_id=[], tokenizer=tokenizer)
+    row = free.new_tokens[0]
+    for i in range(3, 16):
+        piece = tokenizer.decode([int(row[i])])
+        if piece.strip() and int(row[i]) not in row[:i] and piece not in tokenizer.decode(row[:i].tolist()):
+            break
+    else:
+        raise AssertionError("no usable EOS token in this continuation")
+    out = generate(WIDE, params, prompt, max_new_tokens=16, eos_token_id=[int(row[i])], tokenizer=tokenizer,
+                   stop_strings=[piece])
+    assert out.num_new_tokens.tolist() == [i + 1] and out.finish_reasons == ["eos"]
+
+
+def test_cli_text_has_no_special_tokens(capsys, tmp_path, eos_model, tokenizer):
+    path, params = eos_model
+    ref = generate(WIDE, params, [tokenizer("Hello world")["input_ids"]], max_new_tokens=8, min_new_tokens=3,
+                   tokenizer=tokenizer)
+    assert int(ref.new_tokens[0, 3]) == 50256
+    text = tokenizer.decode(ref.new_tokens[0, :3].tolist())
+    assert "<|" not in text
+    args = ["--model", path, "--max-new-tokens", "8", "--min-new-tokens", "3", "--quiet"]
+    rc, out, _ = _cli(capsys, *args, "--prompt", "Hello world")
+    assert rc == 0 and out == "Hello world" + text + "\n"
+    rc, out, _ = _cli(capsys, *args, "--prompt", "Hello world", "--stream", "--stream-interval", "2")
+    assert rc == 0 and out == "Hello world" + text + "\n"
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"id": "a", "prompt": "Hello world"}) + "\n")
+    rc, _, _ = _cli(capsys, *args, "--input", str(src), "--output", str(dst))
+    record = json.loads(dst.read_text())
+    assert rc == 0 and record["completion"] == text
+    assert record["finish_reason"] == "eos" and record["num_new_tokens"] == 4
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--prompt", "hi", "--seed", str(2**64)], "--seed must be < 2**64"),
+        (["--prompt", "hi", "--logprobs"], "--logprobs is for batch mode"),
+        (["--prompt", "hi", "--num-return-sequences", "2"], "--num-return-sequences 2 needs sampling"),
+        (["--prompt", "hi", "--temperature", "inf"], "--temperature: temperature must be a finite number"),
+    ],
+)
+def test_cli_more_bad_input_one_line(capsys, model_dir, argv, match):
+    rc, out, err = _cli(capsys, "--model", model_dir, "--max-new-tokens", "4", *argv)
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith("gptj-jax generate: error:") and match in lines[0], err
+    assert out == ""
+
+
+def test_cli_prompt_ids_outside_vocab_checked_before_weights(capsys, tmp_path):
+    """A vocab-1000 model directory with no weights at all: the prompt's ids are checked against
+    config.vocab_size first, so the error is about them (not about the weights)."""
+    model = tmp_path / "small"
+    SMALL.save_pretrained(str(model))
+    assert os.listdir(model) == ["config.json"]
+    rc, _, err = _cli(capsys, "--model", str(model), "--prompt", "Hello world", "--max-new-tokens", "8")
+    assert rc == 1 and "--prompt: token id 15496 is outside the model's vocabulary (vocab_size 1000)" in err, err
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": 7, "prompt": "Hello"}\n')
+    rc, _, err = _cli(capsys, "--model", str(model), "--input", str(src), "--output", str(dst), "--max-new-tokens", "8")
+    assert rc == 1 and "--input line 1 (id 7): token id 15496 is outside" in err, err
+    assert len(err.strip().splitlines()) == 1 and not dst.exists()
+
+
+def test_cli_input_not_utf8_names_file_and_line(capsys, tmp_path, model_dir):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_bytes(b'{"id": 0, "prompt": "fine"}\n{"id": 1, "prompt": "caf\xe9"}\n')
+    rc, _, err = _cli(capsys, "--model", model_dir, "--input", str(src), "--output", str(dst))
+    assert rc == 1 and f"--input {src} line 2: not UTF-8 text" in err and len(err.strip().splitlines()) == 1, err
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize(
+    "content, line",
+    [
+        (b"my notes\nmore notes\n", 1),
+        ((json.dumps(RESULT) + "\na note\n" + json.dumps(dict(RESULT, id=5)) + "\n").encode(), 2),
+        (b'{"id": 0, "prompt": "fine"}\n', 1),  # JSON, but not a results line
+        ((json.dumps(RESULT) + "\n\n").encode(), 2),  # a blank line
+        ((json.dumps(RESULT) + "\nnotes, no newline").encode(), 2),  # unterminated, but not one of our lines
+        (b"notes without a newline", 1),
+        ((json.dumps(RESULT) + "\n").encode() + b'\xff{"id": 3}\n', 2),  # not UTF-8
+    ],
+)
+def test_cli_output_that_is_not_a_results_file_is_left_alone(capsys, tmp_path, model_dir, content, line):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "notes.txt"
+    src.write_text('{"id": 0, "prompt": "fine"}\n{"id": 1, "prompt": "also fine"}\n')
+    dst.write_bytes(content)
+    rc, out, err = _cli(capsys, "--model", model_dir, "--input", str(src), "--output", str(dst),
+                        "--max-new-tokens", "4", "--quiet")
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"--output {dst} line {line}: not a results line of gptj-jax generate" in err, err
+    assert dst.read_bytes() == content
+
+
+def test_cli_output_that_is_the_input_is_refused(capsys, tmp_path, model_dir, monkeypatch):
+    src = tmp_path / "in.jsonl"
+    content = '{"id": 0, "prompt": "fine"}\n'
+    src.write_text(content)
+    (tmp_path / "link.jsonl").symlink_to(src)
+    os.link(src, tmp_path / "hard.jsonl")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for out in (str(src), "in.jsonl", "sub/../in.jsonl", "link.jsonl", "hard.jsonl"):
+        rc, _, err = _cli(capsys, "--model", model_dir, "--input", "in.jsonl", "--output", out,
+                          "--max-new-tokens", "4", "--quiet")
+        assert rc == 1 and f"--output {out} is the --input file" in err and len(err.strip().splitlines()) == 1, err
+        assert src.read_text() == content
+
+
+def test_cli_output_torn_last_line_is_cut_with_a_warning(capsys, tmp_path, model_dir):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": 0, "prompt": "fine"}\n{"id": 1, "prompt": "also fine"}\n')
+    first = json.dumps(RESULT) + "\n"
+    args = ["--model", model_dir, "--input", str(src), "--output", str(dst), "--max-new-tokens", "4", "--quiet"]
+    for torn in (b'{"id": 1, "prompt": "also fi', b'{"id": 1, "prompt": "caf' + "\u00e9".encode()[:1]):
+        dst.write_bytes(first.encode() + torn)
+        rc, _, err = _cli(capsys, *args)
+        assert rc == 0 and "warning: --output" in err and "cutting a torn last line" in err, err
+        text = dst.read_text()
+        assert text.startswith(first) and [json.loads(l)["id"] for l in text.splitlines()] == [0, 1]
+    # a complete last line without its newline is kept; the next result goes on a line of its own
+    dst.write_text(first.rstrip("\n"))
+    rc, _, err = _cli(capsys, *args)
+    text = dst.read_text()
+    assert rc == 0 and "warning" not in err and text.startswith(first)
+    assert [json.loads(l)["id"] for l in text.splitlines()] == [0, 1]

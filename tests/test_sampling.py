@@ -26,6 +26,7 @@ from gptj_jax.sampling import (
     apply_top_k,
     apply_top_p,
     process_logits,
+    prompt_keys,
     row_keys,
     sample,
 )
@@ -196,3 +197,47 @@ def test_bad_values_name_the_option(kw, option):
     with pytest.raises(SamplingError, match=option) as info:
         SamplingParams(**kw)
     assert info.value.option == option
+
+
+@pytest.mark.parametrize(
+    "kw, option",
+    [
+        (dict(do_sample=True, temperature=float("inf")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+    ],
+)
+def test_non_finite_values_name_the_option(kw, option):
+    with pytest.raises(SamplingError, match=f"{option} must be a finite number") as info:
+        SamplingParams(**kw)
+    assert info.value.option == option
+
+
+def test_numpy_scalars_are_python_numbers():
+    """np.float32 / np.int64 knobs are accepted and stored as Python numbers (same spec and knobs)."""
+    py = SamplingParams(do_sample=True, temperature=0.5, top_k=7, top_p=0.75, min_p=0.125, repetition_penalty=1.5)
+    npy = SamplingParams(do_sample=True, temperature=np.float32(0.5), top_k=np.int64(7), top_p=np.float32(0.75),
+                         min_p=np.float64(0.125), repetition_penalty=np.float16(1.5))
+    assert npy == py and type(npy.temperature) is float and type(npy.top_k) is int
+    assert npy.spec() == py.spec()
+    with pytest.raises(SamplingError, match="top_k"):
+        SamplingParams(top_k=np.float32(3.0))
+
+
+def test_seed_keys_keep_32_bit_seeds_and_use_the_high_word():
+    """Seeds < 2**32 keep jax.random.PRNGKey(seed); 2**32 is key [1, 0], not seed 0; up to 2**64 - 1."""
+    def folded(key, n):
+        return np.asarray(jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n, dtype=jnp.uint32)))
+
+    for seed in (0, 7, 2**31 + 3, 2**32 - 1):
+        want = folded(jax.random.PRNGKey(seed), 3)
+        np.testing.assert_array_equal(row_keys(seed, 3), want)
+        np.testing.assert_array_equal(prompt_keys([seed], 3, 4)[:3], want)
+    for seed, key in ((2**32, [1, 0]), (2**32 + 5, [1, 5]), (2**64 - 1, [2**32 - 1, 2**32 - 1])):
+        want = folded(jnp.asarray(key, jnp.uint32), 3)
+        np.testing.assert_array_equal(row_keys(seed, 3), want)
+        np.testing.assert_array_equal(prompt_keys([seed], 3, 3), want)
+    assert not np.array_equal(row_keys(2**32, 3), row_keys(0, 3))
+    for bad in (2**64, -1):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
+            row_keys(bad, 1)

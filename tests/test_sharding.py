@@ -56,7 +56,7 @@ def mesh_worker() -> dict:
 
     from gptj_jax import sharding as sh
     from gptj_jax.config import GPTJConfig
-    from gptj_jax.generate import generate
+    from gptj_jax.generation import generate
     from gptj_jax.model import init_params, model_for
     from gptj_jax.train import step as train_step
 

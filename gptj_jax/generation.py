@@ -9,7 +9,7 @@ Pieces, each usable on its own:
   runs the prompt through the model into a freshly allocated ``cache_len``-slot cache and computes the
   LM head only at the last position (with left padding, the last real token of every row).
 * :func:`decode_step` ``(params, cache, tokens [B]) -> (logits [B, V], cache)``: one token per row; the
-  cache is donated and updated in place.
+  cache is donated and updated in place. A full cache (``cache["index"] == S``) is an error.
 * :func:`generate`: the whole loop. The prompt batch is left-padded into a *bucket* (lengths and batch
   sizes rounded up to ``2^k`` or ``3 * 2^(k-1)``; ``max_new_tokens`` likewise), prefilled, and the first
   token sampled in one compiled program; the rest runs in one ``lax.while_loop`` that stops as soon as
@@ -42,7 +42,7 @@ from jax import lax
 from .cache import Cache, init_cache
 from .config import GPTJConfig
 from .model import GPTJForCausalLM
-from .sampling import SamplingParams, SamplingSpec, prompt_keys, row_keys, sample
+from .sampling import SEED_LIMIT, SamplingParams, SamplingSpec, prompt_keys, row_keys, sample
 
 Array = jax.Array
 Params = Any
@@ -50,7 +50,8 @@ Params = Any
 # GPT-J's vocabulary: 50257 BPE tokens with text, then 143 padding rows (``<|extratoken_k|>``).
 GPTJ_VOCAB_SIZE = 50400
 GPTJ_TEXT_TOKENS = 50257
-MAX_EOS_IDS = 8  # EOS ids are passed as a fixed-size traced array (unused slots -1)
+EOS_SLOTS = 8  # EOS ids are passed as a traced array of at least this many slots (unused slots -1)
+SAFE_ID = 0  # what the model is fed at masked (pad) positions and for finished rows: always in the vocab
 
 # How many times each compiled function was traced (tests check a second call in the same bucket adds none).
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -104,7 +105,12 @@ def _model(config: GPTJConfig, dtype: Any, layout: str) -> GPTJForCausalLM:
 
 def _prefill(params: Params, tokens: Array, mask: Array, config: GPTJConfig, cache_len: int, dtype: Any,
              layout: str = CACHE_LAYOUT):
-    """tokens, mask ``[B, P]`` -> (logits at the last position ``[B, V]`` float32, cache with ``cache_len`` slots)."""
+    """tokens, mask ``[B, P]`` -> (logits at the last position ``[B, V]`` float32, cache with ``cache_len`` slots).
+
+    Masked positions are fed ``SAFE_ID`` whatever they hold (a pad id outside the vocabulary would embed
+    as NaN, and NaN keys/values poison the real positions through the masked attention weights).
+    """
+    tokens = jnp.where(mask > 0, tokens, SAFE_ID)
     cache = init_cache(config, tokens.shape[0], cache_len, dtype, layout=layout)
     out = _model(config, dtype, layout).apply(
         {"params": params}, tokens, attention_mask=mask, cache=cache, logits_to_keep=1
@@ -139,6 +145,12 @@ def prefill(
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "cache_layout"), donate_argnames=("cache",))
+def _decode_step(params: Params, cache: Cache, tokens: Array, *, config: GPTJConfig, dtype: Any = jnp.float32,
+                 cache_layout: str = "BSNH") -> tuple[Array, Cache]:
+    TRACE_COUNTS["decode_step"] += 1
+    return _forward_one(params, cache, tokens, config, dtype, cache_layout)
+
+
 def decode_step(
     params: Params, cache: Cache, tokens: Array, *, config: GPTJConfig, dtype: Any = jnp.float32,
     cache_layout: str = "BSNH",
@@ -146,11 +158,21 @@ def decode_step(
     """Feed one token per row (``tokens [B]`` int) and return its logits ``[B, V]`` float32 and the cache.
 
     The cache (in ``cache_layout``, as ``prefill`` made it) is donated: its buffers are updated in place
-    and the argument must not be used afterwards. The caller keeps ``cache["index"] < S`` (a full cache
-    would be overwritten silently).
+    and the argument must not be used afterwards. A full cache (``cache["index"]`` equal to its ``S``
+    slots) raises :class:`GenerationError` before anything runs; the check reads ``cache["index"]`` on
+    the host, so each call waits for the previous step (``generate`` does not use this function).
     """
-    TRACE_COUNTS["decode_step"] += 1
-    return _forward_one(params, cache, tokens, config, dtype, cache_layout)
+    slots = cache["mask"].shape[1]  # [B, S]
+    index = int(jax.device_get(cache["index"]))
+    if index >= slots:
+        raise GenerationError(
+            f"decode_step: the cache is full (cache['index'] = {index}, {slots} slots); "
+            f"prefill with a larger cache_len"
+        )
+    return _decode_step(params, cache, tokens, config=config, dtype=dtype, cache_layout=cache_layout)
+
+
+decode_step.lower = _decode_step.lower  # ahead-of-time lowering, as on any jitted function (no cache check)
 
 
 # ---------------------------------------------------------------------------------------- the loop
@@ -170,14 +192,14 @@ def _record(state: dict, logits: Array, knobs: dict, ctl: dict, spec: SamplingSp
         suppress_from=ctl["suppress_from"],
     )  # [R], [R]
     done = state["done"]
-    tok = jnp.where(done, ctl["pad_id"], tok)
     is_eos = jnp.any(tok[:, None] == ctl["eos_ids"][None, :], axis=-1)
     new = dict(
         state,
-        tokens=lax.dynamic_update_slice(state["tokens"], tok[:, None], (0, s)),  # [R, N]
+        # the output gets the pad id after a row ends (it may lie outside the vocabulary: see _check_pad)...
+        tokens=lax.dynamic_update_slice(state["tokens"], jnp.where(done, ctl["pad_id"], tok)[:, None], (0, s)),
         n_new=state["n_new"] + (~done).astype(jnp.int32),
         done=done | is_eos | (s + 1 >= ctl["max_new"]),
-        last=tok,
+        last=jnp.where(done, SAFE_ID, tok),  # ...the model is fed an id that always embeds
         step=s + 1,
     )
     if spec.logprobs:
@@ -265,7 +287,8 @@ class GenerateOutput:
     prompt_length: int  # columns of the prompt part
     num_new_tokens: np.ndarray  # [rows] int32: new tokens per row, counting the EOS token / stop-string token
     finish_reasons: list  # per row: "eos", "stop_string" or "length"
-    logprobs: Optional[np.ndarray] = None  # [rows, max_new_tokens] float32 (0 after a row ends) if asked
+    logprobs: Optional[np.ndarray] = None  # [rows, max_new_tokens] float32 (0 after a row ends) if asked:
+    # log_softmax of the processed logits at the chosen token (see sampling.sample)
 
     @property
     def new_tokens(self) -> np.ndarray:
@@ -340,15 +363,31 @@ def _as_batch(input_ids: Any, attention_mask: Any, vocab_size: int) -> tuple[np.
 
 
 def _eos_list(eos_token_id: Any, config: GPTJConfig) -> tuple[int, ...]:
+    """The EOS ids, any number of them. Explicit ids must lie in the vocabulary; the config's default may
+    not (a small model saved by Transformers keeps GPT-2's 50256): such an id can never be produced."""
     if eos_token_id is None:
-        return config.eos_token_ids
+        return tuple(int(e) for e in config.eos_token_ids)
     ids = (eos_token_id,) if isinstance(eos_token_id, (int, np.integer)) else tuple(eos_token_id)
     for e in ids:
         if not isinstance(e, (int, np.integer)) or isinstance(e, bool) or not 0 <= e < config.vocab_size:
             raise GenerationError(f"eos_token_id {e!r} is not a token id in [0, {config.vocab_size})")
-    if len(ids) > MAX_EOS_IDS:
-        raise GenerationError(f"at most {MAX_EOS_IDS} eos_token_id values are supported, got {len(ids)}")
     return tuple(int(e) for e in ids)
+
+
+def _check_pad(pad_token_id: Optional[int], config: GPTJConfig, eos: tuple[int, ...]) -> int:
+    """The pad id written after a row ends. An explicit ``pad_token_id`` must lie in the vocabulary; the
+    default (``config.pad_token_id``, else the first EOS id, else 0) may not, like the config's EOS ids.
+    The model itself is never fed the pad id (``SAFE_ID`` instead), so it only shows in the output."""
+    if pad_token_id is None:
+        default = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+        return _check_int("pad_token_id", default, 0)
+    pad = _check_int("pad_token_id", pad_token_id, 0)
+    if pad >= config.vocab_size:
+        raise GenerationError(
+            f"pad_token_id {pad} is outside the vocabulary [0, {config.vocab_size}) (config.vocab_size = "
+            f"{config.vocab_size})"
+        )
+    return pad
 
 
 def is_gptj_tokenizer(tokenizer: Any) -> bool:
@@ -363,6 +402,14 @@ def _check_int(name: str, value: Any, low: int) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
         raise GenerationError(f"{name} must be an integer >= {low}, got {value!r}")
     return int(value)
+
+
+def _check_seed(name: str, value: Any) -> int:
+    """A seed: any integer in ``[0, 2**64)`` (both 32-bit words go into the key, see ``sampling.seed_key``)."""
+    value = _check_int(name, value, 0)
+    if value >= SEED_LIMIT:
+        raise GenerationError(f"{name} must be an integer in [0, 2**64), got {value}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------- generate
@@ -403,15 +450,25 @@ def generate(
       min_new_tokens: EOS is banned until a row has this many new tokens.
       do_sample: False = greedy; True samples with temperature / top_k / top_p / min_p (Transformers' order).
       repetition_penalty: > 0; 1 is off. Applies to the real prompt tokens and the generated ones.
-      eos_token_id: one id or several; None = ``config.eos_token_id``; ``[]`` = no EOS.
-      pad_token_id: written after a row ends; None = ``config.pad_token_id``, else the first EOS id, else 0.
+      eos_token_id: one id or several (any number); None = ``config.eos_token_id``; ``[]`` = no EOS. Explicit
+        ids must be in ``[0, vocab_size)``; a config EOS outside it (GPT-2's 50256 in a small model) is
+        never produced.
+      pad_token_id: written after a row ends (and left of right-padded prompts) in ``sequences``; None =
+        ``config.pad_token_id``, else the first EOS id, else 0. An explicit id must be in the vocabulary;
+        the default may lie outside it. The model is never fed the pad id (masked positions and finished
+        rows get id 0), so it cannot change the real rows.
       stop_strings: a row also ends when its generated text contains one of these (needs ``tokenizer``);
-        the token that completes the string is kept, later ones become pad.
-      num_return_sequences: rows per prompt (row ``b * R + r``), each with its own PRNG key.
-      seed: an int: output row ``i`` draws from ``fold_in(PRNGKey(seed), i)``; or one seed per prompt: row
-        ``b * R + r`` draws from ``fold_in(PRNGKey(seed[b]), r)`` (a prompt's result then does not depend on
-        the batch it is in). Either way, bucketing does not change results.
-      return_logprobs: also return each chosen token's log-probability under the processed distribution.
+        the token that completes the string is kept, later ones become pad. The text is decoded without
+        special tokens and ends before an EOS token (a row that ended on EOS reports "eos").
+      num_return_sequences: rows per prompt (row ``b * R + r``), each with its own PRNG key. Values > 1
+        need ``do_sample=True`` (greedy rows would all be the same; Transformers raises too).
+      seed: an int in ``[0, 2**64)``: output row ``i`` draws from ``fold_in(key(seed), i)``; or one seed per
+        prompt: row ``b * R + r`` draws from ``fold_in(key(seed[b]), r)`` (a prompt's result then does not
+        depend on the batch it is in). ``key(s)`` is ``[s >> 32, s & 0xFFFFFFFF]``, which is
+        ``jax.random.PRNGKey(s)`` for ``s < 2**32``. Either way, bucketing does not change results.
+      return_logprobs: also return each chosen token's log-probability under the processed distribution:
+        the log-softmax after the logits processors (for greedy: repetition penalty, min_new_tokens and
+        suppression, so with suppression on it is renormalised over the 50257 text ids).
       mesh: a ``jax.sharding.Mesh`` (``dp``, ``fsdp``, ``mp``): params and cache are sharded with
         ``gptj_jax.sharding``'s rules and the batch over ``dp x fsdp``.
       streamer: called with a :class:`StreamChunk` every ``stream_interval`` steps (and at the end).
@@ -477,10 +534,15 @@ def iter_generate(
     if min_new > max_new:
         raise GenerationError(f"min_new_tokens ({min_new}) must be <= max_new_tokens ({max_new})")
     repeats = _check_int("num_return_sequences", num_return_sequences, 1)
+    if repeats > 1 and not do_sample:
+        raise GenerationError(
+            "greedy decoding (do_sample=False) does not support num_return_sequences different than 1 "
+            f"(got {repeats}): every row would be the same; pass do_sample=True"
+        )
     if isinstance(seed, (list, tuple, np.ndarray)):
-        seed = [_check_int(f"seed[{i}]", s, 0) for i, s in enumerate(seed)]
+        seed = [_check_seed(f"seed[{i}]", s) for i, s in enumerate(seed)]
     else:
-        seed = _check_int("seed", seed, 0)
+        seed = _check_seed("seed", seed)
     if stream_interval is not None:
         stream_interval = _check_int("stream_interval", stream_interval, 1)
     sampling = SamplingParams(
@@ -500,9 +562,7 @@ def iter_generate(
             f"> the model's n_positions {config.n_positions}"
         )
     eos = _eos_list(eos_token_id, config)
-    if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
-    pad_id = _check_int("pad_token_id", pad_token_id, 0)
+    pad_id = _check_pad(pad_token_id, config, eos)
     if isinstance(stop_strings, str):
         stop_strings = [stop_strings]
     stop_strings = list(stop_strings or [])
@@ -546,7 +606,7 @@ def _iterate(config, params, ids, mask, lengths, P_in, max_new, min_new, samplin
     B_b = bucket(B)
     B_b = -(-B_b // row_multiple) * row_multiple
     N_b = bucket(max_new, 8)
-    ids_b = np.full((B_b, P_b), pad_id, np.int32)
+    ids_b = np.full((B_b, P_b), SAFE_ID, np.int32)  # masked: never the pad id, which may lie outside the vocab
     mask_b = np.zeros((B_b, P_b), np.int32)
     for b in range(B_b):
         src = b if b < B else 0
@@ -561,8 +621,8 @@ def _iterate(config, params, ids, mask, lengths, P_in, max_new, min_new, samplin
         keys = row_keys(seed, rows)  # row i: fold_in(key(seed), i)
     spec = sampling.spec(min_new_tokens=min_new > 0 and bool(eos), suppress=suppress, logprobs=return_logprobs)
     knobs = sampling.knobs()
-    eos_arr = np.full((MAX_EOS_IDS,), -1, np.int32)
-    eos_arr[: len(eos)] = eos
+    eos_arr = np.full((max(EOS_SLOTS, 1 << (len(eos) - 1).bit_length() if eos else 0),), -1, np.int32)
+    eos_arr[: len(eos)] = eos  # [E]: 8 slots, or the next power of two above 8 ids
     ctl = {
         "max_new": jnp.asarray(max_new, jnp.int32),
         "min_new": jnp.asarray(min_new, jnp.int32),
@@ -602,7 +662,7 @@ def _iterate(config, params, ids, mask, lengths, P_in, max_new, min_new, samplin
         done = np.array(jax.device_get(state["done"]))
         n_new = np.array(jax.device_get(state["n_new"]))
         if stop_strings:
-            newly = _find_stop_strings(tokens, n_new, stop_cut, live, emitted, stop_strings, tokenizer)
+            newly = _find_stop_strings(tokens, n_new, stop_cut, live, emitted, stop_strings, tokenizer, eos)
             if newly:
                 hit = np.zeros((rows,), bool)
                 for r, cut in newly.items():
@@ -639,24 +699,35 @@ def _apply_cuts(tokens: np.ndarray, n_new: np.ndarray, stop_cut: np.ndarray, pad
     return tokens, n_new
 
 
-def _find_stop_strings(tokens, n_new, stop_cut, live, emitted, stop_strings, tokenizer) -> dict:
-    """Rows whose generated text gained a stop string in this chunk -> index of the token that completed it."""
+def _find_stop_strings(tokens, n_new, stop_cut, live, emitted, stop_strings, tokenizer, eos) -> dict:
+    """Rows whose generated text gained a stop string in this chunk -> index of the token that completed it.
+
+    The text is decoded without special tokens (no ``<|endoftext|>``) and stops before an EOS token: a
+    row that ended on EOS keeps ``finish_reason`` "eos" unless a stop string completed before it.
+    """
     found = {}
     for r in np.flatnonzero(live):
         n = int(n_new[r])
         if stop_cut[r] >= 0 or n <= emitted:  # already cut, or nothing new since the last check
             continue
-        text = tokenizer.decode(tokens[r, :n].tolist())
+        if int(tokens[r, n - 1]) in eos:  # a real token that is an EOS id is the row's last
+            n -= 1
+        text = _text(tokenizer, tokens[r, :n])
         hits = [text.find(s) + len(s) for s in stop_strings if s in text]
         if not hits:
             continue
         end = min(hits)
         # the first token whose prefix text reaches the end of the stop string
         for t in range(n):
-            if len(tokenizer.decode(tokens[r, : t + 1].tolist())) >= end:
+            if len(_text(tokenizer, tokens[r, : t + 1])) >= end:
                 found[int(r)] = t
                 break
     return found
+
+
+def _text(tokenizer: Any, ids: np.ndarray) -> str:
+    """Generated text as the user sees it: special tokens (``<|endoftext|>``...) are left out."""
+    return tokenizer.decode(ids.tolist(), skip_special_tokens=True)
 
 
 def _assemble(ids, mask, P_in, new_tokens, n_new, stop_cut, eos, pad_id, repeats, logprobs):
