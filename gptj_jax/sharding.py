@@ -79,8 +79,14 @@ def _split_sizes(config: GPTJConfig, head: str) -> tuple[tuple[str, str, int], .
 
 
 # ---------------------------------------------------------------------------------------- meshes
-def parse_mesh(text: str) -> dict[str, int]:
-    """``"dp=1,fsdp=2,mp=4"`` -> ``{"dp": 1, "fsdp": 2, "mp": 4}`` (missing axes are 1; ``-1`` = the rest)."""
+def parse_mesh(text: str, *, rest: Optional[str] = None) -> dict[str, int]:
+    """``"dp=1,fsdp=2,mp=4"`` -> ``{"dp": 1, "fsdp": 2, "mp": 4}`` (missing axes are 1; ``-1`` = the rest).
+
+    ``rest``: an axis that takes the rest of the devices (``-1``) when ``text`` does not name it and no
+    axis is ``-1`` (``parse_mesh("mp=8", rest="dp")`` -> ``{"dp": -1, "fsdp": 1, "mp": 8}``).
+    """
+    if rest is not None and rest not in MESH_AXES:
+        raise ValueError(f"rest={rest!r} is not a mesh axis; the axes are {', '.join(MESH_AXES)}")
     sizes = {name: 1 for name in MESH_AXES}
     seen = set()
     for part in (p.strip() for p in text.split(",")):
@@ -98,6 +104,8 @@ def parse_mesh(text: str) -> dict[str, int]:
             sizes[name] = int(value)
         except ValueError:
             raise ValueError(f"mesh axis {name}={value!r} in {text!r} is not an integer") from None
+    if rest is not None and rest not in seen and -1 not in sizes.values():
+        sizes[rest] = -1
     return sizes
 
 
