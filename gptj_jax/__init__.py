@@ -21,22 +21,21 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .cache import init_cache
-from .config import ConfigError, GPTJConfig
-from .model import (
-    GPTJForCausalLM,
-    GPTJForQuestionAnswering,
-    GPTJForSequenceClassification,
-    GPTJModel,
-    init_params,
-    logical_axes,
-    model_for,
-)
-
 __version__ = "0.1.0"
 
-# Heavier pieces load on first use so `import gptj_jax` stays quick.
+# Every public name loads on first use (PEP 562), so `import gptj_jax` (and the command line's
+# `gptj-jax --help`) imports no jax until a name that needs it is touched.
 _LAZY = {
+    "ConfigError": ("gptj_jax.config", "ConfigError"),
+    "GPTJConfig": ("gptj_jax.config", "GPTJConfig"),
+    "GPTJModel": ("gptj_jax.model", "GPTJModel"),
+    "GPTJForCausalLM": ("gptj_jax.model", "GPTJForCausalLM"),
+    "GPTJForSequenceClassification": ("gptj_jax.model", "GPTJForSequenceClassification"),
+    "GPTJForQuestionAnswering": ("gptj_jax.model", "GPTJForQuestionAnswering"),
+    "init_params": ("gptj_jax.model", "init_params"),
+    "logical_axes": ("gptj_jax.model", "logical_axes"),
+    "model_for": ("gptj_jax.model", "model_for"),
+    "init_cache": ("gptj_jax.cache", "init_cache"),
     "from_pretrained": ("gptj_jax.convert", "from_pretrained"),
     "save_pretrained": ("gptj_jax.convert", "save_pretrained"),
     "generate": ("gptj_jax.generation", "generate"),
@@ -58,17 +57,8 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = [
-    "ConfigError",
-    "GPTJConfig",
-    "GPTJModel",
-    "GPTJForCausalLM",
-    "GPTJForSequenceClassification",
-    "GPTJForQuestionAnswering",
-    "init_params",
-    "logical_axes",
-    "model_for",
-    "init_cache",
-    *_LAZY,
-    *_LAZY_MODULES,
-]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+__all__ = [*_LAZY, *_LAZY_MODULES]

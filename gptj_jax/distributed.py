@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding
+if TYPE_CHECKING:  # jax is imported where it is used, so the CLI can add these flags without it
+    import jax
+    from jax.sharding import Mesh
 
-from . import sharding as sh
+    from . import sharding as sh
 
 # Environment variables whose presence (with more than one host / task) means "multi-process".
 _HOST_LIST_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES")
@@ -77,6 +77,8 @@ def set_cpu_devices(n: int) -> None:
     """Simulate ``n`` CPU devices (must run before JAX creates its backends)."""
     if n < 1:
         raise ValueError(f"--cpu-devices must be >= 1, got {n}")
+    import jax
+
     try:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError as e:
@@ -108,6 +110,8 @@ def initialize(
             "pass --coordinator-address, --num-processes and --process-id together "
             f"(got coordinator_address={coordinator_address!r}, num_processes={num_processes!r}, process_id={process_id!r})"
         )
+    import jax
+
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
@@ -143,13 +147,18 @@ def maybe_initialize(args: argparse.Namespace) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- batches
-def process_rows(mesh: Mesh, global_batch_size: int, rules: sh.Rules = sh.DEFAULT_RULES) -> tuple[int, int]:
+def process_rows(mesh: Mesh, global_batch_size: int, rules: Optional[sh.Rules] = None) -> tuple[int, int]:
     """``(start, stop)``: the rows of a global ``[B, ...]`` batch this process's devices hold.
 
     Rows are split over the batch axes (``("dp", "fsdp")``); devices that differ only along other
     axes (``mp``) hold the same rows. Raises if this process's rows are not one contiguous range.
+    ``rules``: the logical-axis rules (default ``sharding.DEFAULT_RULES``).
     """
-    sharding = sh.batch_sharding(mesh, global_batch_size, rules)
+    import jax
+
+    from . import sharding as sh
+
+    sharding = sh.batch_sharding(mesh, global_batch_size, sh.DEFAULT_RULES if rules is None else rules)
     blocks = sorted({
         index[0].indices(global_batch_size)[:2]
         for index in sharding.addressable_devices_indices_map((global_batch_size, 1)).values()
@@ -163,12 +172,18 @@ def process_rows(mesh: Mesh, global_batch_size: int, rules: sh.Rules = sh.DEFAUL
     return lo, hi
 
 
-def global_batch(mesh: Mesh, local_rows: Any, global_batch_size: int, rules: sh.Rules = sh.DEFAULT_RULES) -> jax.Array:
+def global_batch(mesh: Mesh, local_rows: Any, global_batch_size: int, rules: Optional[sh.Rules] = None) -> jax.Array:
     """Assemble a global ``[B, ...]`` array from this process's rows (``process_rows`` of them).
 
     Uses ``jax.make_array_from_process_local_data``; on one process it is a plain sharded
     ``device_put``.
     """
+    import jax
+    import numpy as np
+
+    from . import sharding as sh
+
+    rules = sh.DEFAULT_RULES if rules is None else rules
     local_rows = np.asarray(local_rows)
     lo, hi = process_rows(mesh, global_batch_size, rules)
     if local_rows.shape[0] != hi - lo:
@@ -177,6 +192,6 @@ def global_batch(mesh: Mesh, local_rows: Any, global_batch_size: int, rules: sh.
             f"{global_batch_size}-row batch, got {local_rows.shape[0]}"
         )
     names = sh.BATCH_AXES[: local_rows.ndim] + (None,) * max(local_rows.ndim - 2, 0)
-    sharding: NamedSharding = sh.logical_sharding(mesh, names, rules)
+    sharding = sh.logical_sharding(mesh, names, rules)
     global_shape = (global_batch_size,) + local_rows.shape[1:]
     return jax.make_array_from_process_local_data(sharding, local_rows, global_shape)

@@ -43,13 +43,11 @@ from .cache import Cache, init_cache
 from .config import GPTJConfig
 from .model import GPTJForCausalLM
 from .sampling import SEED_LIMIT, SamplingParams, SamplingSpec, prompt_keys, row_keys, sample
+from .tokenizer import NUM_REAL_TOKENS, VOCAB_SIZE, is_gptj_tokenizer
 
 Array = jax.Array
 Params = Any
 
-# GPT-J's vocabulary: 50257 BPE tokens with text, then 143 padding rows (``<|extratoken_k|>``).
-GPTJ_VOCAB_SIZE = 50400
-GPTJ_TEXT_TOKENS = 50257
 EOS_SLOTS = 8  # EOS ids are passed as a traced array of at least this many slots (unused slots -1)
 SAFE_ID = 0  # what the model is fed at masked (pad) positions and for finished rows: always in the vocab
 
@@ -390,14 +388,6 @@ def _check_pad(pad_token_id: Optional[int], config: GPTJConfig, eos: tuple[int, 
     return pad
 
 
-def is_gptj_tokenizer(tokenizer: Any) -> bool:
-    """True for GPT-J's tokenizer: 50400 ids whose rows from 50257 on are ``<|extratoken_k|>`` (no text)."""
-    try:
-        return len(tokenizer) == GPTJ_VOCAB_SIZE and tokenizer.convert_ids_to_tokens(GPTJ_TEXT_TOKENS) == "<|extratoken_1|>"
-    except (AttributeError, TypeError):
-        return False
-
-
 def _check_int(name: str, value: Any, low: int) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
         raise GenerationError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -571,10 +561,10 @@ def iter_generate(
     if stop_strings and tokenizer is None:
         raise GenerationError("stop_strings need a tokenizer (pass tokenizer=...) to decode the generated text")
     if suppress_extra_tokens is None:
-        suppress_extra_tokens = config.vocab_size == GPTJ_VOCAB_SIZE and (
+        suppress_extra_tokens = config.vocab_size == VOCAB_SIZE and (
             tokenizer is None or is_gptj_tokenizer(tokenizer)
         )
-    suppress = bool(suppress_extra_tokens) and config.vocab_size > GPTJ_TEXT_TOKENS
+    suppress = bool(suppress_extra_tokens) and config.vocab_size > NUM_REAL_TOKENS
     try:
         embedding = params["transformer"]["wte"]["embedding"]
     except (KeyError, TypeError):
@@ -628,7 +618,7 @@ def _iterate(config, params, ids, mask, lengths, P_in, max_new, min_new, samplin
         "min_new": jnp.asarray(min_new, jnp.int32),
         "eos_ids": jnp.asarray(eos_arr),
         "pad_id": jnp.asarray(pad_id, jnp.int32),
-        "suppress_from": jnp.asarray(GPTJ_TEXT_TOKENS, jnp.int32),
+        "suppress_from": jnp.asarray(NUM_REAL_TOKENS, jnp.int32),
     }
     ids_d, mask_d, live_d = jnp.asarray(ids_b), jnp.asarray(mask_b), jnp.asarray(live)
     if mesh is not None:

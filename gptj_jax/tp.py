@@ -11,23 +11,24 @@ used, written out with explicit collectives, per device:
   sums). GPT-J's parallel residual lets the attention and MLP partial sums be added locally, so
   each block needs **one** ``psum`` over ``mp``.
 * lm_head is column-parallel over the vocabulary; logits stay split ``[B, T, V / mp]``, and the
-  loss is the vocab-parallel cross-entropy: ``pmax`` of the row max, then one ``psum`` of the
-  target logit and the sum of exponentials; the full logits are never gathered.
+  loss is ``losses.token_cross_entropy`` with ``vocab_axis``: ``pmax`` of the row max, then one
+  ``psum`` of the target logit and the sum of exponentials; the full logits are never gathered.
+  :func:`shard_map_loss` is that wiring, shared by :func:`make_loss` and the train step.
 * Dimensions split over ``fsdp`` (the ``embed`` side of every matrix) are ``all_gather``-ed right
   before use (ZeRO-3 / FSDP); the backward pass turns those into reduce-scatters.
 
 Which mesh axes play these roles is read from the rules table (``sharding.DEFAULT_RULES``):
 ``heads``, ``mlp`` and ``vocab`` must map to the same axes (the tensor-parallel axes); every other
-split dimension is gathered. The numerics follow ``model.py`` (LayerNorm, softmax, logits in
-float32) and the two paths agree to float32 rounding.
+split dimension is gathered. The block calls ``model.layer_norm`` and ``model.attend``, so the
+numerics are ``model.py``'s (LayerNorm, softmax, logits in float32) and the two paths agree to
+float32 rounding.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,16 +38,8 @@ from jax.sharding import PartitionSpec as P
 
 from . import sharding as sh
 from .config import GPTJConfig
-from .model import (
-    ACT_FNS,
-    MASK_VALUE,
-    _layer_norm,
-    apply_rotary,
-    causal_lm_loss,
-    logical_axes,
-    model_for,
-    rotary_sin_cos,
-)
+from .losses import causal_lm_loss, token_cross_entropy
+from .model import ACT_FNS, apply_rotary, attend, layer_norm, logical_axes, model_for, rotary_sin_cos
 
 Array = jax.Array
 IMPLS = ("jit", "shard_map")
@@ -92,10 +85,6 @@ def _psum(x: Any, axes: tuple[str, ...]) -> Any:
     return lax.psum(x, axes) if axes else x
 
 
-def _pmax(x: Array, axes: tuple[str, ...]) -> Array:
-    return lax.pmax(x, axes) if axes else x
-
-
 def _gather_leaf(x: Array, logical: P, spec: P) -> Array:
     """All-gather every dimension of a local param shard that is split but not tensor-parallel."""
     for dim, (name, target) in enumerate(zip(tuple(logical), tuple(spec))):
@@ -124,7 +113,7 @@ def _dense(x: Array, kernel: Array, bias: Optional[Array], dtype: Any) -> Array:
 
 def _ln(config: GPTJConfig, p: dict[str, Array], x: Array) -> Array:
     """The model's LayerNorm module (float32) applied to ``x`` with params ``p``."""
-    return _layer_norm(config, jnp.float32, "ln").apply({"params": p}, x.astype(jnp.float32))
+    return layer_norm(config, jnp.float32, "ln").apply({"params": p}, x.astype(jnp.float32))
 
 
 def _embed(emb: Array, ids: Array, layout: Layout, dtype: Any) -> Array:
@@ -141,20 +130,16 @@ def _block(
 ) -> Array:
     """One GPT-J block on local shards: ``x + psum(attn_partial + mlp_partial) + fc_out.bias``. x ``[b, T, D]``."""
     b, T, _ = x.shape
-    H = config.head_dim
     h = _ln(config, p["ln_1"], x).astype(dtype)  # [b, T, D]
     a = p["attn"]
 
     def heads(name: str) -> Array:
-        return _dense(h, a[name]["kernel"], None, dtype).reshape(b, T, -1, H)  # [b, T, N/mp, H]
+        return _dense(h, a[name]["kernel"], None, dtype).reshape(b, T, -1, config.head_dim)  # [b, T, N/mp, H]
 
     q, k, v = heads("q_proj"), heads("k_proj"), heads("v_proj")
     q = apply_rotary(q.astype(jnp.float32), sin, cos).astype(dtype)
     k = apply_rotary(k.astype(jnp.float32), sin, cos).astype(dtype)
-    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * jnp.float32(H**-0.5)
-    scores = jnp.where(allowed[:, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1)  # [b, N/mp, T, S] float32
-    ctx = jnp.einsum("BNTS,BSNH->BTNH", probs.astype(dtype), v).reshape(b, T, -1)  # [b, T, D/mp]
+    ctx = attend(q, k, v, allowed)[0].reshape(b, T, -1)  # [b, T, D/mp]
     attn = _dense(ctx, a["out_proj"]["kernel"], None, dtype)  # [b, T, D] partial over mp
 
     m = p["mlp"]
@@ -185,30 +170,6 @@ def local_logits(
     return lax.dot_general(
         h, head["kernel"].astype(jnp.float32), (((2,), (0,)), ((), ())), preferred_element_type=jnp.float32
     ) + head["bias"].astype(jnp.float32)  # [b, T, V/mp]
-
-
-def vocab_parallel_cross_entropy(
-    logits: Array, labels: Array, tp_axes: Sequence[str], batch_axes: Sequence[str], ignore_index: int = -100
-) -> Array:
-    """HF causal-LM loss from vocab-split logits, inside ``shard_map``, never gathering the vocabulary.
-
-    logits ``[b, T, V/mp]`` float32 (this device's vocab slice), labels ``[b, T]`` global ids.
-    logits[:, :-1] are scored against labels[:, 1:]; ``ignore_index`` labels are skipped; the mean is
-    over counted tokens of the whole global batch. Collectives: one ``pmax`` and one ``psum`` over
-    ``tp_axes``, one ``psum`` over ``batch_axes``.
-    """
-    tp, batch = tuple(tp_axes), tuple(batch_axes)
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    valid = labels != ignore_index
-    rows = logits.shape[-1]
-    m = _pmax(lax.stop_gradient(jnp.max(logits, axis=-1)), tp)  # [b, T-1] global max
-    local = labels - _tp_index(tp) * rows
-    hit = (local >= 0) & (local < rows)
-    target = jnp.take_along_axis(logits, jnp.clip(local, 0, rows - 1)[..., None], axis=-1)[..., 0]
-    sums = _psum(jnp.stack([jnp.sum(jnp.exp(logits - m[..., None]), axis=-1), jnp.where(hit, target, 0.0)]), tp)
-    per_token = jnp.log(sums[0]) + m - sums[1]  # [b, T-1]
-    totals = _psum(jnp.stack([jnp.sum(jnp.where(valid, per_token, 0.0)), jnp.sum(valid).astype(jnp.float32)]), batch)
-    return totals[0] / jnp.maximum(totals[1], 1.0)
 
 
 # ---------------------------------------------------------------------------------------- builders
@@ -276,9 +237,10 @@ def make_loss(
 ):
     """A jitted ``f(params, input_ids, labels, attention_mask, position_ids) -> scalar`` causal-LM loss.
 
-    HF's loss (shifted, labels -100 ignored, mean over counted tokens). ``impl="shard_map"`` uses
-    :func:`vocab_parallel_cross_entropy` on the vocab-split logits. Differentiable (``jax.grad``
-    works through both impls) and usable inside another ``jit``. Cached like :func:`make_forward`.
+    HF's loss (shifted, labels -100 ignored, mean over counted tokens). ``impl="shard_map"`` is
+    :func:`shard_map_loss` (the vocab-parallel cross-entropy on the vocab-split logits) with
+    ``labels[:, 1:]`` as targets. Differentiable (``jax.grad`` works through both impls) and usable
+    inside another ``jit``. Cached like :func:`make_forward`.
     """
     _check_impl(impl)
     return _make_loss(config, mesh, impl, jnp.dtype(dtype), tuple(rules))
@@ -297,23 +259,58 @@ def _make_loss(config: GPTJConfig, mesh: Mesh, impl: str, dtype: Any, rules: sh.
 
         return jax.jit(loss)
 
+    sharded = shard_map_loss(config, mesh, dtype, rules, ignore_index=-100)
+
+    def loss(params, ids, labels, mask=None, pos=None):
+        return sharded(params, ids, labels[:, 1:], mask, pos)[0]
+
+    return jax.jit(loss)
+
+
+def shard_map_loss(
+    config: GPTJConfig,
+    mesh: Mesh,
+    dtype: Any = jnp.float32,
+    rules: sh.Rules = sh.DEFAULT_RULES,
+    *,
+    z_loss: float = 0.0,
+    ignore_index: Optional[int] = -100,
+) -> Callable[..., tuple[Array, Array]]:
+    """``f(params, ids, targets, mask=None, pos=None) -> (ce, z)``: the shard_map forward and its loss.
+
+    ids / mask / pos ``[B, T]`` (mask / pos default as in :func:`make_forward`); targets ``[B, T']``
+    global ids with ``T' <= T``: position ``t`` is scored against ``targets[:, t]`` and positions past
+    ``T'`` are not scored (HF's shift passes ``labels[:, 1:]``; the train step passes the next
+    tokens). ``ce`` and ``z`` are float32 scalars: the means over the counted tokens (targets other
+    than ``ignore_index``) of the whole global batch of ``losses.token_cross_entropy`` with
+    ``vocab_axis`` and ``z_loss``. Beyond the forward's collectives: one ``pmax`` and one ``psum`` over
+    the tensor-parallel axes, one ``psum`` over the batch axes. Not jitted; differentiable.
+    """
     layout = layout_of(mesh, rules)
     logical = logical_axes(config, "causal_lm")
     specs, batch_spec, _ = shard_map_specs(config, mesh, rules)
 
-    def local(params, ids, labels, mask, pos):
-        logits = local_logits(config, params, logical, specs, ids, mask, pos, layout, dtype)
-        return vocab_parallel_cross_entropy(logits, labels, layout.tp, layout.batch)
+    def local(params, ids, targets, mask, pos):  # per device: [b, T] rows
+        logits = local_logits(config, params, logical, specs, ids, mask, pos, layout, dtype)  # [b, T, V/mp]
+        loss = token_cross_entropy(
+            logits[:, : targets.shape[1]], targets, ignore_index=ignore_index, z_loss=z_loss, vocab_axis=layout.tp
+        )
+        terms = [jnp.sum(loss.ce), jnp.sum(loss.valid).astype(jnp.float32)]
+        if z_loss:
+            terms.append(jnp.sum(loss.z))
+        sums = _psum(jnp.stack(terms), layout.batch)  # one psum over the batch axes
+        count = jnp.maximum(sums[1], 1.0)
+        return sums[0] / count, (sums[2] / count if z_loss else jnp.zeros((), jnp.float32))
 
     mapped = jax.shard_map(
-        local, mesh=mesh, in_specs=(specs, batch_spec, batch_spec, batch_spec, batch_spec), out_specs=P()
+        local, mesh=mesh, in_specs=(specs, batch_spec, batch_spec, batch_spec, batch_spec), out_specs=(P(), P())
     )
 
-    def loss(params, ids, labels, mask=None, pos=None):
+    def loss(params, ids, targets, mask=None, pos=None):
         mask, pos = _defaults(ids, mask, pos)
-        return mapped(params, ids, labels, mask, pos)
+        return mapped(params, ids, targets, mask, pos)
 
-    return jax.jit(loss)
+    return loss
 
 
 def _put_batch(mesh: Mesh, rules: sh.Rules, *arrays: Any) -> list[Any]:

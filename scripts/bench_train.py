@@ -113,12 +113,12 @@ def main() -> int:
     import torch
 
     from gptj_jax.config import GPTJConfig
+    from gptj_jax.losses import train_flops_per_token
     from gptj_jax.train.loop import measure_peak_flops
-    from gptj_jax.train.step import model_flops_per_token
 
     config = GPTJConfig.from_pretrained(args.config)
     tokens = args.batch * args.seq
-    flops = model_flops_per_token(config, args.seq) * tokens
+    flops = train_flops_per_token(config, args.seq) * tokens
     ours = setup_ours(config, args.batch, args.seq, args.remat)
     theirs = setup_torch(config, args.batch, args.seq)
     # Interleaved rounds (peak, ours, theirs), best of each: on a shared machine the load changes from minute to

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from conftest import TINY, left_padded_batch
+from helpers import TINY, left_padded_batch
 
 from gptj_jax.convert import table
 from gptj_jax.convert.io import CheckpointReader

@@ -22,8 +22,8 @@ import torch
 from conftest import hf_model
 from convert_helpers import BATCH, CONFIG, QUIET, TORCH_DTYPES, assert_dirs_identical, hf_logits, same_bits
 
+from gptj_jax import cli
 from gptj_jax.convert import CheckpointError, convert, detect_format, mtj, restore_flax, table
-from gptj_jax.convert import cli as convert_cli
 from gptj_jax.convert.io import CheckpointReader
 
 
@@ -158,7 +158,7 @@ def test_hf_mtj_hf_is_exact_for_float32(sources, tmp_path):
 
 # -------------------------------------------------------------------------------------------- CLI
 def _cli(argv: list[str], capsys) -> tuple[int, str]:
-    code = convert_cli.main(argv + ["--quiet", "--no-tokenizer"])
+    code = cli.main(["convert", *argv, "--quiet", "--no-tokenizer"])
     return code, capsys.readouterr().err.strip()
 
 
@@ -171,8 +171,6 @@ def test_cli_converts(sources, tmp_path, capsys):
 
 
 def test_cli_registered_in_main_entry_point(sources, tmp_path, capsys):
-    from gptj_jax import cli
-
     assert "convert" in cli.COMMANDS
     code = cli.main(["convert", sources[("float16", "bin")], str(tmp_path / "o"), "--to", "hf", "--quiet", "--no-tokenizer"])
     assert code == 0

@@ -118,7 +118,7 @@ def test_bad_input_is_one_line_error(config_file, capsys, argv, message):
 
     with pytest.MonkeyPatch.context() as mp:
         # Keep the in-process JAX on its single device: the errors come before any simulation.
-        mp.setattr("gptj_jax.plan._simulated_devices", _no_simulation)
+        mp.setattr("gptj_jax.plan.simulated_devices", _no_simulation)
         code = cli.main(["plan", "--config", config_file, "--seq", "32", *argv])
     err = capsys.readouterr().err
     assert code == 1
@@ -138,8 +138,8 @@ def _no_simulation(n: int) -> list:
 def test_simulation_refuses_a_started_backend_with_too_few_devices():
     import jax
 
-    from gptj_jax.plan import _simulated_devices
+    from gptj_jax.plan import simulated_devices
 
     n = len(jax.devices()) + 7
     with pytest.raises(RuntimeError, match=rf"the mesh needs {n} devices but JAX already started with"):
-        _simulated_devices(n)
+        simulated_devices(n)

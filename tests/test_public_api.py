@@ -91,7 +91,7 @@ def test_public_names_stable_after_importing_every_submodule():
         importlib.import_module(info.name).__name__
         for info in pkgutil.walk_packages(gptj_jax.__path__, "gptj_jax.")
     ]
-    assert "gptj_jax.generation" in imported and "gptj_jax.generate_cli" in imported
+    assert "gptj_jax.generation" in imported and "gptj_jax.cli.generate" in imported
     for name in sorted(set(_readme_names()) | set(gptj_jax.__all__)):
         for _ in range(2):
             assert _kind(_resolve(name)) == KINDS[name], (name, _resolve(name))
@@ -126,7 +126,7 @@ print("ok", type(gptj_jax.generate).__name__)
 def test_fresh_process_submodule_imported_first():
     """In a new process whose first import is a submodule, the public names are still the documented kinds."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    for first in ("gptj_jax.generation", "gptj_jax.generate_cli", "gptj_jax.cli"):
+    for first in ("gptj_jax.generation", "gptj_jax.cli.generate", "gptj_jax.cli"):
         script = SUBPROCESS.format(tests=os.path.join(REPO, "tests"), first=first)
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                               timeout=300)

@@ -345,7 +345,7 @@ def test_shard_params_names_missing_leaves_and_infers_head():
 
     from gptj_jax import sharding as sh
     from gptj_jax.config import GPTJConfig
-    from gptj_jax.model import init_params
+    from gptj_jax.model import head_of, init_params
 
     cfg = GPTJConfig(**dict(CONFIG, n_layer=1))
     params = jax.device_get(init_params(cfg, jax.random.PRNGKey(0)))
@@ -356,7 +356,7 @@ def test_shard_params_names_missing_leaves_and_infers_head():
     with pytest.raises(ValueError, match=r"params \(head 'causal_lm'\) do not match .*missing \[\"\['transformer'\]\['h_0'\]\['mlp'\]"):
         sh.shard_params(params, mesh, cfg)
     with pytest.raises(ValueError, match=r"cannot tell the head of params with top-level keys \['foo'\]"):
-        sh.infer_head({"foo": 1})
+        head_of({"foo": 1})
 
 
 def test_optimizer_state_shardings_mirror_params():

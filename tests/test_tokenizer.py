@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import regex
@@ -53,6 +55,23 @@ def test_constants_and_length(tok):
     assert tok.pad_token is None
     assert tok.model_max_length == 2048
     assert tok.is_fast
+
+
+def test_constants_import_without_transformers():
+    """The vocabulary constants are cheap: importing gptj_jax.tokenizer does not import transformers."""
+    code = ("import sys; from gptj_jax.tokenizer import EOS_TOKEN_ID, VOCAB_SIZE, is_gptj_tokenizer; "
+            "print(EOS_TOKEN_ID, VOCAB_SIZE, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["50256", "50400", "False"]
+
+
+def test_is_gptj_tokenizer(tok):
+    assert gtok.is_gptj_tokenizer(tok)
+    assert not gtok.is_gptj_tokenizer(None)
+    assert not gtok.is_gptj_tokenizer([0] * gtok.VOCAB_SIZE)  # the right length, but not a tokenizer
+    grown = gtok.load_tokenizer()
+    grown.add_tokens(["<|mine|>"])
+    assert len(grown) == gtok.VOCAB_SIZE + 1 and not gtok.is_gptj_tokenizer(grown)
 
 
 @pytest.mark.parametrize(

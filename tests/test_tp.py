@@ -41,7 +41,8 @@ def worker() -> dict:
     from gptj_jax import sharding as sh
     from gptj_jax import tp
     from gptj_jax.config import GPTJConfig
-    from gptj_jax.model import causal_lm_loss, init_params, model_for
+    from gptj_jax.losses import causal_lm_loss
+    from gptj_jax.model import init_params, model_for
 
     cfg = GPTJConfig(**CONFIG)
     params = jax.device_get(init_params(cfg, jax.random.PRNGKey(0)))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from gptj_jax.config import GPTJConfig
-from gptj_jax.train.optimizer import mtj_optimizer, mtj_schedule, weight_decay_mask
+from gptj_jax.train.config import load_train_config
+from gptj_jax.train.optimizer import OptimizerConfig, mtj_optimizer, mtj_schedule, weight_decay_mask
 
 
 def mtj_lr(step, warmup, anneal, lr, end_lr):
@@ -83,6 +84,30 @@ def test_chain_matches_mtj_update_by_hand():
             p[n] = p[n] - lr * u
         for n in p:
             np.testing.assert_allclose(cur[n], p[n], rtol=1e-5, atol=1e-7)
+
+
+def test_optimizer_config_from_train_config_builds_the_mtj_chain():
+    """The training keys -> OptimizerConfig (defaults of anneal_steps / end_lr filled in, hashable: the loop's
+    compile cache key) -> the same chain and schedule as mtj_optimizer / mtj_schedule, bit for bit."""
+    cfg = load_train_config(None, ["train_set=x", "model_dir=y", "total_steps=100", "warmup_steps=10", "lr=1e-2",
+                                   "weight_decay=0.1", "gradient_accumulation_steps=2", "adam_b2=0.95"])
+    ocfg = OptimizerConfig.from_train_config(cfg)
+    assert ocfg == OptimizerConfig(warmup_steps=10, anneal_steps=90, lr=1e-2, end_lr=1e-2, weight_decay=0.1,
+                                   grad_accum=2, clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8, param_dtype="float32")
+    assert hash(ocfg) == hash(OptimizerConfig.from_train_config(cfg))
+    opt, sched = ocfg.build()
+    ref_sched = mtj_schedule(10, 90, 1e-2, 1e-2)
+    ref = mtj_optimizer(lr_schedule=ref_sched, weight_decay=0.1, gradient_accumulation_steps=2, b2=0.95)
+    rng = np.random.RandomState(0)
+    params = {"w": rng.randn(4, 3).astype(np.float32), "b": rng.randn(3).astype(np.float32)}
+    state, ref_state = opt.init(params), ref.init(params)
+    for t in range(12):
+        assert float(sched(t)) == float(ref_sched(t))
+        grads = {n: rng.randn(*v.shape).astype(np.float32) for n, v in params.items()}
+        updates, state = opt.update(grads, state, params)
+        ref_updates, ref_state = ref.update(grads, ref_state, params)
+        for n in params:
+            np.testing.assert_array_equal(np.asarray(updates[n]), np.asarray(ref_updates[n]))
 
 
 def _run_steps(k, make_opt, sched, tokens, steps):

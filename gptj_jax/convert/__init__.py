@@ -10,28 +10,43 @@ leaves <-> HF names) and streams tensors one at a time.
     convert(src, dst, to="hf" | "flax" | "mtj")     any format to any, streaming, atomic
 """
 
-from gptj_jax.convert.errors import CheckpointError
-from gptj_jax.convert.flax import restore as restore_flax
-from gptj_jax.convert.flax import save as save_flax
-from gptj_jax.convert.hf import from_pretrained, read_param, save_pretrained
-from gptj_jax.convert.pipeline import ConvertSummary, convert, detect_format, load_config, open_source
-from gptj_jax.convert.table import architecture_of, expected_shapes, head_of, hf_to_ours, ours_to_hf
+from __future__ import annotations
 
-__all__ = [
-    "CheckpointError",
-    "ConvertSummary",
-    "architecture_of",
-    "convert",
-    "detect_format",
-    "expected_shapes",
-    "from_pretrained",
-    "head_of",
-    "hf_to_ours",
-    "load_config",
-    "open_source",
-    "ours_to_hf",
-    "read_param",
-    "restore_flax",
-    "save_flax",
-    "save_pretrained",
-]
+import importlib
+from typing import Any
+
+# Every public name loads on first use (PEP 562): importing ``gptj_jax.convert`` imports no jax.
+_LAZY = {
+    "CheckpointError": ("gptj_jax.convert.errors", "CheckpointError"),
+    "ConvertSummary": ("gptj_jax.convert.pipeline", "ConvertSummary"),
+    "architecture_of": ("gptj_jax.convert.table", "architecture_of"),
+    "convert": ("gptj_jax.convert.pipeline", "convert"),
+    "detect_format": ("gptj_jax.convert.pipeline", "detect_format"),
+    "expected_shapes": ("gptj_jax.convert.table", "expected_shapes"),
+    "from_pretrained": ("gptj_jax.convert.hf", "from_pretrained"),
+    "head_of": ("gptj_jax.model", "head_of"),  # the one head registry lives next to the head classes
+    "hf_to_ours": ("gptj_jax.convert.table", "hf_to_ours"),
+    "load_config": ("gptj_jax.convert.pipeline", "load_config"),
+    "open_source": ("gptj_jax.convert.pipeline", "open_source"),
+    "ours_to_hf": ("gptj_jax.convert.table", "ours_to_hf"),
+    "read_param": ("gptj_jax.convert.hf", "read_param"),
+    "restore_flax": ("gptj_jax.convert.flax", "restore"),
+    "save_flax": ("gptj_jax.convert.flax", "save"),
+    "save_pretrained": ("gptj_jax.convert.hf", "save_pretrained"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'gptj_jax.convert' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value  # later accesses skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+__all__ = list(_LAZY)

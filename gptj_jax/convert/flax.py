@@ -26,8 +26,9 @@ import numpy as np
 from gptj_jax.config import GPTJConfig
 from gptj_jax.convert import table
 from gptj_jax.convert.errors import CheckpointError
-from gptj_jax.convert.io import _fmt_shape, as_dtype, dtype_name
 from gptj_jax.convert.staging import staged_dir
+from gptj_jax.dtypes import as_dtype, dtype_name
+from gptj_jax.model import HEADS
 
 PathLike = Union[str, os.PathLike]
 PARAMS_DIR = "params"
@@ -79,8 +80,9 @@ def resolve(path: PathLike) -> tuple[str, Optional[str]]:
     return os.path.join(ckpt, PARAMS_DIR), None
 
 
-def _write(directory: str, config: GPTJConfig, params: Mapping[str, Any]) -> None:
-    """Write ``config.json`` and ``params/`` into an existing (staging) directory.
+def write_into(directory: str, config: GPTJConfig, params: Mapping[str, Any]) -> None:
+    """Write ``config.json`` and ``params/`` into an existing (staging) directory; :func:`save` (and the
+    converter) stage one and rename it into place.
 
     ``params/`` always holds ``lm_head/kernel``; ``config.json`` says ``tie_word_embeddings: true``
     only when ``config`` does and that kernel is ``wte`` transposed bit for bit.
@@ -91,7 +93,7 @@ def _write(directory: str, config: GPTJConfig, params: Mapping[str, Any]) -> Non
     leaves = table.flatten(params)
     embed = leaves["wte/embedding" if head == "base" else "transformer/wte/embedding"]
     config.replace(tie_word_embeddings=lm_head_tied(config, params)).save_pretrained(
-        directory, architectures=[table.ARCHITECTURES[head]], torch_dtype=dtype_name(embed.dtype)
+        directory, architectures=[HEADS[head].architecture], torch_dtype=dtype_name(embed.dtype)
     )
     # jax arrays, not NumPy: orbax copies NumPy leaves before writing, CPU jax arrays it reads in place.
     tree = jax.tree_util.tree_map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), dict(params))
@@ -114,7 +116,7 @@ def save(path: PathLike, config: GPTJConfig, params: Mapping[str, Any], *, overw
 
     check_params(config, params)
     with staged_dir(path, mode="replace", overwrite=overwrite) as tmp:
-        _write(tmp, config, params)
+        write_into(tmp, config, params)
 
 
 class FlaxReader:
@@ -147,17 +149,9 @@ class FlaxReader:
         except ValueError as e:
             raise CheckpointError(f"{self.params_dir}: {e}") from None
         expected = table.expected_param_shapes(config, self.head)
-        for p, shape in self._shape.items():
-            if p not in expected:
-                raise CheckpointError(f"{self.params_dir}: unexpected leaf {p!r} {_fmt_shape(shape)}")
-            if shape != expected[p]:
-                raise CheckpointError(
-                    f"{self.params_dir}: leaf {p!r} has shape {_fmt_shape(shape)} but the config implies "
-                    f"{_fmt_shape(expected[p])}"
-                )
-        for p, shape in expected.items():
-            if p not in self._shape:
-                raise CheckpointError(f"{self.params_dir}: missing leaf {p!r}, expected shape {_fmt_shape(shape)}")
+        table.check_tree(
+            self._shape, expected, where=self.params_dir, what="leaf", model=table.describe(config, self.head)
+        )
         self.paths = list(expected)
 
     def shape(self, path: str) -> tuple[int, ...]:
@@ -189,8 +183,8 @@ class FlaxReader:
             array = np.asarray(flat[p])
             if array.shape != self._shape[p]:
                 raise CheckpointError(
-                    f"{self.params_dir}: leaf {p!r} restored with shape {_fmt_shape(array.shape)}, metadata says "
-                    f"{_fmt_shape(self._shape[p])}"
+                    f"{self.params_dir}: leaf {p!r} restored with shape {table.fmt_shape(array.shape)}, metadata says "
+                    f"{table.fmt_shape(self._shape[p])}"
                 )
             out[p] = array
         return out

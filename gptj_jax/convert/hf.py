@@ -25,18 +25,11 @@ import numpy as np
 from gptj_jax.config import GPTJConfig
 from gptj_jax.convert import table
 from gptj_jax.convert.errors import CheckpointError
-from gptj_jax.convert.io import (
-    CheckpointReader,
-    Index,
-    SafetensorsWriter,
-    TorchBinWriter,
-    _fmt_shape,
-    as_dtype,
-    dtype_name,
-    same_bits,
-)
+from gptj_jax.convert.io import CheckpointReader, Index, SafetensorsWriter, TorchBinWriter, same_bits
 from gptj_jax.convert.staging import staged_dir
 from gptj_jax.convert.table import architecture_of, head_of  # noqa: F401  (re-exported)
+from gptj_jax.dtypes import as_dtype, dtype_name
+from gptj_jax.model import HEADS
 
 PathLike = Union[str, os.PathLike]
 Params = dict[str, Any]
@@ -49,31 +42,16 @@ def check_tensors(
 
     Returns the names to load in file order (ignored ``attn.bias`` buffers dropped). Raises
     CheckpointError naming the file, the HF key and both shapes for a missing, unexpected or
-    misshapen tensor.
+    misshapen tensor (:func:`table.check_tree`).
     """
-    expected = table.expected_shapes(config, head)
     names = [n for n in (reader.names if names is None else names) if not table.is_ignored_hf(n)]
-    where = reader.index_file or reader.files[0]
-    for name in names:
-        if name not in expected:
-            raise CheckpointError(
-                f"{reader.file_of(name)}: unexpected tensor {name!r} {_fmt_shape(reader.shape(name))}: "
-                f"not part of a GPT-J {table.ARCHITECTURES[head]} checkpoint"
-            )
-    present = set(names)
-    for name in expected:  # table order, so the first mismatch reported is the first in the model
-        if name in present and tuple(reader.shape(name)) != expected[name]:
-            raise CheckpointError(
-                f"{reader.file_of(name)}: tensor {name!r} has shape {_fmt_shape(reader.shape(name))} but the config "
-                f"implies {_fmt_shape(expected[name])} (n_embd={config.n_embd}, n_inner={config.inner_dim}, "
-                f"vocab_size={config.vocab_size}, n_layer={config.n_layer})"
-            )
-    for name, shape in expected.items():
-        if name not in present:
-            raise CheckpointError(
-                f"{where}: missing tensor {name!r}, expected shape {_fmt_shape(shape)} for a "
-                f"{table.ARCHITECTURES[head]} with n_layer={config.n_layer}"
-            )
+    table.check_tree(
+        {name: reader.shape(name) for name in names},
+        table.expected_shapes(config, head),
+        where=reader.index_file or reader.files[0],
+        model=table.describe(config, head),
+        locate=reader.file_of,
+    )
     return names
 
 
@@ -157,18 +135,10 @@ def check_params(config: GPTJConfig, params: Mapping[str, Any]) -> str:
         head = head_of(params)
     except ValueError as e:
         raise CheckpointError(f"params: {e}") from None
-    expected = table.expected_param_shapes(config, head)
-    flat = table.flatten(params)
-    for p, leaf in flat.items():
-        if p not in expected:
-            raise CheckpointError(f"params: unexpected leaf {p!r} {_fmt_shape(np.shape(leaf))} for a {table.ARCHITECTURES[head]}")
-        if tuple(np.shape(leaf)) != expected[p]:
-            raise CheckpointError(
-                f"params: leaf {p!r} has shape {_fmt_shape(np.shape(leaf))} but the config implies {_fmt_shape(expected[p])}"
-            )
-    for p, shape in expected.items():
-        if p not in flat:
-            raise CheckpointError(f"params: missing leaf {p!r}, expected shape {_fmt_shape(shape)}")
+    found = {p: np.shape(leaf) for p, leaf in table.flatten(params).items()}
+    table.check_tree(
+        found, table.expected_param_shapes(config, head), where="params", what="leaf", model=table.describe(config, head)
+    )
     return head
 
 
@@ -208,7 +178,7 @@ def write_config_files(directory: str, config: GPTJConfig, head: str, dtype: Any
     ``tied`` must be True only when ``lm_head.weight`` is left out because it equals ``wte``.
     """
     config = config.replace(tie_word_embeddings=tied)
-    config.save_pretrained(directory, architectures=[table.ARCHITECTURES[head]], torch_dtype=dtype_name(dtype))
+    config.save_pretrained(directory, architectures=[HEADS[head].architecture], torch_dtype=dtype_name(dtype))
     with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(generation_config_dict(config), f, indent=2, sort_keys=True)
         f.write("\n")

@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from gptj_jax.convert.errors import CheckpointError
+from gptj_jax.convert.table import fmt_shape
 
 PathLike = Union[str, os.PathLike]
 Index = tuple  # a tuple of slices / ints, as for ``array[index]``
@@ -51,28 +52,6 @@ _ST_TO_NP: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
 }
 _NP_TO_ST: dict[np.dtype, str] = {v: k for k, v in _ST_TO_NP.items()}
-
-DTYPES: dict[str, np.dtype] = {
-    "float32": np.dtype(np.float32),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float16": np.dtype(np.float16),
-}
-
-
-def as_dtype(dtype: Any) -> Optional[np.dtype]:
-    """``"bfloat16"`` / ``jnp.bfloat16`` / ``np.float16`` / None -> a NumPy dtype (or None)."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unsupported dtype {dtype!r}; expected one of {list(DTYPES)}")
-        return DTYPES[dtype]
-    return np.dtype(dtype)
-
-
-def dtype_name(dtype: Any) -> str:
-    """NumPy dtype -> the name HF writes as ``torch_dtype`` (``float32``, ``bfloat16``, ``float16``)."""
-    return np.dtype(dtype).name
 
 
 def parse_size(size: Union[int, str]) -> int:
@@ -102,10 +81,6 @@ def same_bits(a: Any, b: Any) -> bool:
     if unsigned is None:
         return np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
     return bool(np.array_equal(a.view(unsigned), b.view(unsigned)))
-
-
-def _fmt_shape(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
 # ============================================================================ safetensors
@@ -160,11 +135,11 @@ class SafetensorsFile:
             if end - begin != want:
                 raise CheckpointError(
                     f"{self.path}: tensor {name!r}: header gives {end - begin} bytes for shape "
-                    f"{_fmt_shape(shape)} {st_dtype}, which needs {want}"
+                    f"{fmt_shape(shape)} {st_dtype}, which needs {want}"
                 )
             if end > available:
                 raise CheckpointError(
-                    f"{self.path}: truncated file: tensor {name!r} {_fmt_shape(shape)} {st_dtype} needs bytes "
+                    f"{self.path}: truncated file: tensor {name!r} {fmt_shape(shape)} {st_dtype} needs bytes "
                     f"{begin}..{end} of the data section but the file holds only {available}"
                 )
             self._entries[name] = (dtype, shape, begin, end)
@@ -199,7 +174,7 @@ class SafetensorsFile:
             got = self._file.readinto(memoryview(out.reshape(-1).view(np.uint8)))
             if got != end - begin:
                 raise CheckpointError(
-                    f"{self.path}: truncated file: tensor {name!r} {_fmt_shape(shape)} read {got} of {end - begin} bytes"
+                    f"{self.path}: truncated file: tensor {name!r} {fmt_shape(shape)} read {got} of {end - begin} bytes"
                 )
         return out
 
@@ -579,7 +554,7 @@ class SafetensorsWriter:
         shape, dtype = self._plan[name]
         if tuple(array.shape) != shape or array.dtype != dtype:
             raise ValueError(
-                f"tensor {name!r}: planned {_fmt_shape(shape)} {dtype}, got {_fmt_shape(array.shape)} {array.dtype}"
+                f"tensor {name!r}: planned {fmt_shape(shape)} {dtype}, got {fmt_shape(array.shape)} {array.dtype}"
             )
         k, offset = self._where[name]
         handle = self._handles[k]
@@ -639,7 +614,7 @@ class TorchBinWriter:
         shape, dtype = self._plan[name]
         if tuple(array.shape) != shape or array.dtype != dtype:
             raise ValueError(
-                f"tensor {name!r}: planned {_fmt_shape(shape)} {dtype}, got {_fmt_shape(array.shape)} {array.dtype}"
+                f"tensor {name!r}: planned {fmt_shape(shape)} {dtype}, got {fmt_shape(array.shape)} {array.dtype}"
             )
         k = self._shard_of[name]
         self._pending[k][name] = numpy_to_torch(np.array(array))

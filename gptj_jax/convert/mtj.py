@@ -38,7 +38,6 @@ import numpy as np
 from gptj_jax.config import ConfigError, GPTJConfig
 from gptj_jax.convert import table
 from gptj_jax.convert.errors import CheckpointError
-from gptj_jax.convert.io import _fmt_shape
 
 PathLike = Union[str, os.PathLike]
 FILES_PER_SHARD = 16
@@ -122,14 +121,17 @@ def file_split(n_leaves: int) -> list[int]:
 
 
 # ================================================================================ config
-MTJ_CONFIG_KEYS = {
+# mtj config key -> GPTJConfig field: the model's shape (the training config's shape keys use this too).
+MTJ_SHAPE_KEYS: dict[str, str] = {
     "layers": "n_layer",
     "d_model": "n_embd",
     "n_heads": "n_head",
     "n_vocab": "vocab_size",
     "pe_rotary_dims": "rotary_dim",
-    "seq": "n_positions",
 }
+# A model converted from / to mtj takes n_positions from mtj's ``seq``. Training does not: there ``seq`` is
+# the length of a training sequence, which only has to fit in n_positions (train/config.py).
+MTJ_CONFIG_KEYS: dict[str, str] = {**MTJ_SHAPE_KEYS, "seq": "n_positions"}
 
 
 def is_mtj_config(data: dict) -> bool:
@@ -302,8 +304,8 @@ class MtjReader:
                     if shape != leaf.shard_shape:
                         raise CheckpointError(
                             f"{file}: arr_{index - self._starts[i]} ({leaf.path} -> {leaf.hf_name or 'wte bias'}) has "
-                            f"shape {_fmt_shape(shape)} but the config with {self.mp} shards implies "
-                            f"{_fmt_shape(leaf.shard_shape)}"
+                            f"shape {table.fmt_shape(shape)} but the config with {self.mp} shards implies "
+                            f"{table.fmt_shape(leaf.shard_shape)}"
                         )
                     dtypes.add(_as_stored(np.empty(0, dtype)).dtype)
         if len(dtypes) != 1:
@@ -348,7 +350,7 @@ class MtjReader:
         if array.shape != leaf.shard_shape:
             raise CheckpointError(
                 f"{self._file(shard, i)}: {key} ({leaf.path} -> {leaf.hf_name or 'wte bias'}) has shape "
-                f"{_fmt_shape(array.shape)} but the config with {self.mp} shards implies {_fmt_shape(leaf.shard_shape)}"
+                f"{table.fmt_shape(array.shape)} but the config with {self.mp} shards implies {table.fmt_shape(leaf.shard_shape)}"
             )
         return array
 
@@ -477,7 +479,7 @@ def write(
             expected = table.transform_shape(payload.full_shape, payload.transform)
             if tuple(array.shape) != expected:
                 raise CheckpointError(
-                    f"tensor {payload.hf_name!r} has shape {_fmt_shape(array.shape)}, expected {_fmt_shape(expected)}"
+                    f"tensor {payload.hf_name!r} has shape {table.fmt_shape(array.shape)}, expected {table.fmt_shape(expected)}"
                 )
             parts = _split(array, payload, mp, dtype)
             if on_tensor is not None:

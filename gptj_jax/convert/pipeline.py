@@ -24,8 +24,10 @@ from gptj_jax.convert import flax as flax_ckpt
 from gptj_jax.convert import mtj, table
 from gptj_jax.convert.errors import CheckpointError
 from gptj_jax.convert.hf import checked_tensors, make_writer, write_config_files
-from gptj_jax.convert.io import CheckpointReader, as_dtype, dtype_name, has_hf_weights, same_bits
+from gptj_jax.convert.io import CheckpointReader, has_hf_weights, same_bits
 from gptj_jax.convert.staging import staged_dir
+from gptj_jax.dtypes import as_dtype, dtype_name
+from gptj_jax.model import HEADS
 
 PathLike = Union[str, os.PathLike]
 FORMATS = ("hf", "flax", "mtj")
@@ -304,7 +306,7 @@ def _write_flax(tmp: str, source: Source, dtype: Optional[np.dtype], progress: _
         del array
     order = table.expected_param_shapes(source.config, source.head)
     params = table.unflatten({p: flat.pop(p) for p in order})
-    flax_ckpt._write(tmp, source.config, params)
+    flax_ckpt.write_into(tmp, source.config, params)
     embed = table.hf_to_ours("wte.weight" if source.head == "base" else "transformer.wte.weight")[0]
     return np.dtype(table.flatten(params)[embed].dtype)
 
@@ -314,7 +316,7 @@ def _write_mtj(
 ) -> np.dtype:
     if source.head != "causal_lm":
         raise CheckpointError(
-            f"{source.path}: a {table.ARCHITECTURES[source.head]} checkpoint cannot be written as mesh-transformer-jax, "
+            f"{source.path}: a {HEADS[source.head].architecture} checkpoint cannot be written as mesh-transformer-jax, "
             "which holds causal LMs only"
         )
     out_dtype = dtype or source.dtype("transformer.wte.weight")

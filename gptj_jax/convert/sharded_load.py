@@ -30,7 +30,8 @@ from gptj_jax.config import GPTJConfig
 from gptj_jax.convert import table
 from gptj_jax.convert.errors import CheckpointError
 from gptj_jax.convert.hf import checked_tensors, read_param
-from gptj_jax.convert.io import CheckpointReader, as_dtype
+from gptj_jax.convert.io import CheckpointReader
+from gptj_jax.dtypes import as_dtype
 
 PathLike = Union[str, os.PathLike]
 

@@ -8,7 +8,7 @@ both walk these rows and cannot drift apart.
 
 Our paths are ``/``-joined keys of the nested params dict, e.g. ``transformer/h_3/attn/q_proj/kernel``.
 
-Heads (the names used across ``gptj_jax.convert``):
+Heads (the keys of the registry :data:`gptj_jax.model.HEADS`, which also names each one's HF class):
 
 =========================== ============================== ==============================
 head                        HF architecture                extra tensors
@@ -18,16 +18,21 @@ head                        HF architecture                extra tensors
 ``sequence_classification`` ``GPTJForSequenceClassification`` ``score.weight`` [num_labels, D]
 ``question_answering``      ``GPTJForQuestionAnswering``   ``qa_outputs.weight`` [2, D], ``.bias`` [2]
 =========================== ============================== ==============================
+
+:func:`check_tree` is the one check of a tensor tree (an HF checkpoint, a params pytree, a Flax
+checkpoint's metadata) against the shapes a config implies: missing, unexpected and misshapen entries.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from gptj_jax.config import GPTJConfig
+from gptj_jax.convert.errors import CheckpointError
+from gptj_jax.model import HEADS, head_of  # noqa: F401  (head_of re-exported: the registry's one function)
 
 TRANSPOSE = "T"
 IDENTITY = ""
@@ -49,7 +54,7 @@ BASE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("ln_f/bias", "ln_f.bias", IDENTITY),
 )
 
-# Rows of each head's own tensors (no prefix on either side).
+# Rows of each head's own tensors (no prefix on either side), keyed by the names of model.HEADS.
 HEAD_ROWS: dict[str, tuple[tuple[str, str, str], ...]] = {
     "base": (),
     "causal_lm": (
@@ -62,16 +67,6 @@ HEAD_ROWS: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("qa_outputs/bias", "qa_outputs.bias", IDENTITY),
     ),
 }
-
-HEADS: tuple[str, ...] = tuple(HEAD_ROWS)
-
-ARCHITECTURES: dict[str, str] = {
-    "base": "GPTJModel",
-    "causal_lm": "GPTJForCausalLM",
-    "sequence_classification": "GPTJForSequenceClassification",
-    "question_answering": "GPTJForQuestionAnswering",
-}
-HEAD_OF_ARCHITECTURE: dict[str, str] = {v: k for k, v in ARCHITECTURES.items()}
 
 # Buffers that old checkpoints carry and transformers ignores on load
 # (``_keys_to_ignore_on_load_unexpected`` of GPTJPreTrainedModel).
@@ -228,6 +223,68 @@ def expected_param_shapes(config: GPTJConfig, head: str) -> dict[str, tuple[int,
     return out
 
 
+# ---------------------------------------------------------------------- checks
+def fmt_shape(shape: Sequence[int]) -> str:
+    """A shape as Python prints a tuple of ints: ``(2, 3)``, ``(5,)``, ``()`` (numpy / torch sizes too)."""
+    return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def describe(config: GPTJConfig, head: str) -> str:
+    """``"a GPT-J GPTJForCausalLM with n_layer=2, n_embd=32, n_inner=128, vocab_size=101"``: what
+    :func:`expected_shapes` describes, for error messages."""
+    return (
+        f"a GPT-J {HEADS[head].architecture} with n_layer={config.n_layer}, n_embd={config.n_embd}, "
+        f"n_inner={config.inner_dim}, vocab_size={config.vocab_size}"
+    )
+
+
+def check_tree(
+    found: Mapping[str, Sequence[int]],
+    expected: Mapping[str, Sequence[int]],
+    *,
+    where: str,
+    what: str = "tensor",
+    model: str = "",
+    locate: Optional[Callable[[str], str]] = None,
+) -> None:
+    """Raise CheckpointError unless ``found`` holds exactly the names of ``expected``, with the same shapes.
+
+    Both map a name (an HF key, a ``/``-joined leaf path, ...) to a shape. The first problem is
+    reported: an unexpected name (in ``found``'s order), else a misshapen one, else a missing one (in
+    ``expected``'s order). The message starts with the location (``locate(name)`` for a name in
+    ``found``, e.g. its shard file; ``where`` otherwise), calls the entry ``what`` and gives its name
+    and both shapes; ``model`` (see :func:`describe`) says what ``expected`` describes. When there is
+    more than one problem it ends with all of them by kind (the first four names of each).
+    """
+    locate = locate or (lambda name: where)
+    unexpected = [n for n in found if n not in expected]
+    misshapen = [n for n in expected if n in found and tuple(found[n]) != tuple(expected[n])]
+    missing = [n for n in expected if n not in found]
+    if unexpected:
+        name = unexpected[0]
+        message = f"{locate(name)}: unexpected {what} {name!r} {fmt_shape(found[name])}"
+        message += f": not part of {model}" if model else ""
+    elif misshapen:
+        name = misshapen[0]
+        message = (
+            f"{locate(name)}: {what} {name!r} has shape {fmt_shape(found[name])} but the config implies "
+            f"{fmt_shape(expected[name])}"
+        )
+        message += f" ({model})" if model else ""
+    elif missing:
+        name = missing[0]
+        message = f"{where}: missing {what} {name!r}, expected shape {fmt_shape(expected[name])}"
+        message += f" for {model}" if model else ""
+    else:
+        return
+    kinds = (("unexpected", unexpected), ("misshapen", misshapen), ("missing", missing))
+    total = sum(len(names) for _, names in kinds)
+    if total > 1:
+        listed = (f"{kind} {names[:4]}{' ...' if len(names) > 4 else ''}" for kind, names in kinds if names)
+        message += f"; {total} problems in all: " + ", ".join(listed)
+    raise CheckpointError(message)
+
+
 # ---------------------------------------------------------------------- pytree helpers
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dicts -> ``{"a/b/c": leaf}`` (insertion order)."""
@@ -253,28 +310,9 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def head_of(params: Mapping[str, Any]) -> str:
-    """Which head a params tree is for: ``base``, ``causal_lm``, ``sequence_classification`` or ``question_answering``.
-
-    Raises ValueError when the top-level keys fit none of them.
-    """
-    keys = set(params)
-    if "transformer" not in keys:
-        if "wte" in keys:
-            return "base"
-        raise ValueError(f"params have neither 'transformer' nor 'wte' at the top level: {sorted(keys)}")
-    extra = keys - {"transformer"}
-    for head, head_rows in HEAD_ROWS.items():
-        if head != "base" and extra == {r[0].split("/")[0] for r in head_rows}:
-            return head
-    if not extra:
-        raise ValueError("params hold 'transformer' but no head ('lm_head', 'score' or 'qa_outputs')")
-    raise ValueError(f"params hold unknown top-level keys {sorted(extra)} next to 'transformer'")
-
-
 def architecture_of(params: Mapping[str, Any]) -> str:
     """The HF class name for a params tree, e.g. ``GPTJForCausalLM``."""
-    return ARCHITECTURES[head_of(params)]
+    return HEADS[head_of(params)].architecture
 
 
 def head_of_names(names: Iterable[str]) -> str:

@@ -2,8 +2,9 @@
 
 mesh-transformer-jax's keys keep their meaning (so an mtj config such as ``6B_roto_256.json`` runs with
 only its data paths changed); our own keys add what mtj kept in code or flags. Every key, its type, its
-default and its meaning is one row of :data:`KEYS`; an unknown key or a value of the wrong type is a
-:class:`TrainConfigError` naming the key and the file (or ``command line``).
+default and its meaning is one field of :class:`TrainConfig` (the one source: the type checks, :data:`KEYS` and
+the tables in docs/training.md, :func:`keys_markdown`, derive from it); an unknown key or a value of the wrong
+type is a :class:`TrainConfigError` naming the key and the file (or ``command line``).
 
     cfg = load_train_config("configs/demo-tiny.yaml", ["total_steps=50", "val_set.demo=data/val"])
 
@@ -24,145 +25,109 @@ from typing import Any, Optional, Union
 import yaml
 
 from gptj_jax.config import GPTJConfig, preset_names
+from gptj_jax.convert.mtj import MTJ_SHAPE_KEYS
+from gptj_jax.dtypes import DTYPE_NAMES
 
 
 class TrainConfigError(ValueError):
     """A training config key is unknown, has the wrong type, or an invalid or inconsistent value."""
 
 
-# (key, type, default, meaning). ``REQUIRED`` marks keys without a default.
-REQUIRED = object()
-
-MTJ_KEYS: tuple[tuple[str, Any, Any, str], ...] = (
-    ("layers", Optional[int], None, "number of blocks (n_layer); with `model` it must match the checkpoint"),
-    ("d_model", Optional[int], None, "model width (n_embd)"),
-    ("n_heads", Optional[int], None, "attention heads (n_head)"),
-    ("n_vocab", Optional[int], None, "vocabulary rows (vocab_size); 50400 for GPT-J"),
-    ("norm", str, "layernorm", "only 'layernorm' (GPT-J)"),
-    ("pe", str, "rotary", "only 'rotary' (GPT-J)"),
-    ("pe_rotary_dims", Optional[int], None, "rotary dims per head (rotary_dim)"),
-    ("seq", int, 2048, "tokens per training sequence; records are seq + 1 tokens"),
-    ("cores_per_replica", Optional[int], None, "model-parallel width: the mesh's mp axis"),
-    ("per_replica_batch", int, 1, "sequences per data-parallel replica per micro-batch"),
-    ("gradient_accumulation_steps", int, 1, "micro-batches summed into one optimizer step"),
-    ("warmup_steps", int, 0, "linear warmup from 0 to lr over this many steps"),
-    ("anneal_steps", Optional[int], None, "cosine from lr to end_lr over this many steps after warmup "
-     "(default: total_steps - warmup_steps); constant end_lr after"),
-    ("lr", float, 1e-4, "peak learning rate"),
-    ("end_lr", Optional[float], None, "learning rate after annealing (default: lr, i.e. no decay)"),
-    ("weight_decay", float, 0.0, "additive weight decay, only on tensors with 2 or more dims"),
-    ("total_steps", int, REQUIRED, "optimizer steps to train to (a resumed run continues up to it)"),
-    ("ckpt_every", int, 500, "save a checkpoint every this many steps (and at total_steps, and on SIGTERM)"),
-    ("keep_every", Optional[int], None, "also keep every checkpoint whose step is a multiple of this"),
-    ("val_every", int, 500, "evaluate every val_set entry every this many steps"),
-    ("val_batches", int, 100, "at most this many batches per validation set"),
-    ("name", str, "gptj-jax", "run name (shown in logs)"),
-    ("model_dir", str, REQUIRED, "where checkpoints, metrics.jsonl and TensorBoard files go: a local path or gs://bucket/dir"),
-    ("train_set", str, REQUIRED, "a directory written by `gptj-jax prepare`, local or gs://"),
-    ("val_set", dict, {}, "name -> directory written by `gptj-jax prepare`"),
-    # mtj keys accepted for compatibility and not used by this trainer.
-    ("tpu_size", Optional[int], None, "ignored: the device count comes from JAX (mtj: TPU cores)"),
-    ("bucket", Optional[str], None, "ignored: mtj's GCS bucket (model_dir can be any path orbax writes)"),
-    ("eval_harness_tasks", list, [], "ignored: lm-eval-harness tasks run by mtj"),
-    ("wandb_project", Optional[str], None, "ignored: logging goes to metrics.jsonl and TensorBoard"),
-    ("comment", Optional[str], None, "free text"),
-)
-
-OUR_KEYS: tuple[tuple[str, Any, Any, str], ...] = (
-    ("model", Optional[str], None, "checkpoint to start from: an HF directory, our checkpoint or an mtj "
-     "checkpoint; empty for a random init"),
-    ("model_config", Optional[str], None, "for a random init: a preset name (gptj-tiny, gptj-162m...) or a "
-     "config.json path; the mtj shape keys override its fields"),
-    ("n_positions", Optional[int], None, "n_positions for a random init (default: max(seq, 2048))"),
-    ("mesh", Optional[str], None, "mesh as 'dp=-1,fsdp=1,mp=1' (-1: the rest of the devices); default "
-     "mp=cores_per_replica, dp = the rest"),
-    ("dtype", str, "bfloat16", "compute dtype: float32, bfloat16 or float16"),
-    ("param_dtype", str, "float32", "master parameter and optimizer state dtype"),
-    ("remat", str, "none", "rematerialisation per block: none, dots, dots_no_batch, full"),
-    ("forward", str, "gspmd", "gspmd (jit with shardings) or shard_map (explicit tensor parallelism, "
-     "vocab-parallel loss)"),
-    ("dropout", Optional[float], None, "sets resid_pdrop, embd_pdrop and attn_pdrop of the model (mtj: none)"),
-    ("z_loss", float, 0.0, "coefficient of mtj's z-loss (mtj used 1e-4): z * log(sum(exp(logits - max)))^2"),
-    ("seed", int, 0, "seed of the random init, the data order and dropout"),
-    ("shuffle", bool, True, "shuffle training records (per epoch, from seed)"),
-    ("data_workers", int, 0, "grain worker processes reading records (0: in the main process)"),
-    ("adam_b1", float, 0.9, "Adam beta1 (mtj: optax default)"),
-    ("adam_b2", float, 0.999, "Adam beta2"),
-    ("adam_eps", float, 1e-8, "Adam epsilon"),
-    ("clip_norm", float, 1.0, "global-norm gradient clip (mtj: 1.0)"),
-    ("keep_last", int, 3, "keep this many most recent checkpoints (plus keep_every ones)"),
-    ("async_checkpointing", bool, True, "write checkpoints in the background"),
-    ("log_every", int, 1, "write a metrics row every this many steps"),
-    ("peak_flops", Optional[float], None, "peak FLOP/s per device for MFU; measured on the spot when empty"),
-    ("progress", bool, True, "show a progress bar"),
-    ("tensorboard", bool, True, "write TensorBoard event files (needs tensorboardX)"),
-)
-
-KEYS = MTJ_KEYS + OUR_KEYS
-_SPEC = {k: (t, d, m) for k, t, d, m in KEYS}
-
-DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "dots", "dots_no_batch", "full")
 FORWARDS = ("gspmd", "shard_map")
 
 
+def _key(default: Any, help: str, *, mtj: bool = False, required: bool = False) -> Any:
+    """One config key: its default, its meaning (``help``, the docs table), whether mesh-transformer-jax has it
+    (``mtj``) and whether a config must set it (``required``: the default only fills the dataclass field)."""
+    value = {"default_factory": type(default)} if isinstance(default, (dict, list)) else {"default": default}
+    return dataclasses.field(**value, metadata={"help": help, "mtj": mtj, "required": required})
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """All training keys (see :data:`KEYS` for meanings). Build with :func:`load_train_config`."""
+    """Every training key: its type, default and meaning. Build with :func:`load_train_config`.
 
-    layers: Optional[int] = None
-    d_model: Optional[int] = None
-    n_heads: Optional[int] = None
-    n_vocab: Optional[int] = None
-    norm: str = "layernorm"
-    pe: str = "rotary"
-    pe_rotary_dims: Optional[int] = None
-    seq: int = 2048
-    cores_per_replica: Optional[int] = None
-    per_replica_batch: int = 1
-    gradient_accumulation_steps: int = 1
-    warmup_steps: int = 0
-    anneal_steps: Optional[int] = None
-    lr: float = 1e-4
-    end_lr: Optional[float] = None
-    weight_decay: float = 0.0
-    total_steps: int = 0
-    ckpt_every: int = 500
-    keep_every: Optional[int] = None
-    val_every: int = 500
-    val_batches: int = 100
-    name: str = "gptj-jax"
-    model_dir: str = ""
-    train_set: str = ""
-    val_set: dict = dataclasses.field(default_factory=dict)
-    tpu_size: Optional[int] = None
-    bucket: Optional[str] = None
-    eval_harness_tasks: list = dataclasses.field(default_factory=list)
-    wandb_project: Optional[str] = None
-    comment: Optional[str] = None
-    model: Optional[str] = None
-    model_config: Optional[str] = None
-    n_positions: Optional[int] = None
-    mesh: Optional[str] = None
-    dtype: str = "bfloat16"
-    param_dtype: str = "float32"
-    remat: str = "none"
-    forward: str = "gspmd"
-    dropout: Optional[float] = None
-    z_loss: float = 0.0
-    seed: int = 0
-    shuffle: bool = True
-    data_workers: int = 0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_norm: float = 1.0
-    keep_last: int = 3
-    async_checkpointing: bool = True
-    log_every: int = 1
-    peak_flops: Optional[float] = None
-    progress: bool = True
-    tensorboard: bool = True
+    mesh-transformer-jax's keys (``mtj=True``) come first, with mtj's meaning; then our own keys.
+    """
+
+    # ---- mesh-transformer-jax's keys
+    layers: Optional[int] = _key(None, "number of blocks (`n_layer`); for a random init it sets the model, with "
+                                 "`model` it must match the checkpoint", mtj=True)
+    d_model: Optional[int] = _key(None, "model width (`n_embd`); as `layers`", mtj=True)
+    n_heads: Optional[int] = _key(None, "attention heads (`n_head`); as `layers`", mtj=True)
+    n_vocab: Optional[int] = _key(None, "vocabulary rows (`vocab_size`), 50400 for GPT-J; as `layers`", mtj=True)
+    norm: str = _key("layernorm", "only `layernorm` (GPT-J)", mtj=True)
+    pe: str = _key("rotary", "only `rotary` (GPT-J)", mtj=True)
+    pe_rotary_dims: Optional[int] = _key(None, "rotary dims per head (`rotary_dim`); as `layers`", mtj=True)
+    seq: int = _key(2048, "tokens per training sequence (records are `seq + 1` tokens); must be at most the model's "
+                    "`n_positions`", mtj=True)
+    cores_per_replica: Optional[int] = _key(None, "model-parallel width: the mesh's `mp` axis (tensor parallelism); "
+                                            "`dp` is the rest of the devices", mtj=True)
+    per_replica_batch: int = _key(1, "sequences per data-parallel replica per micro-batch: a micro-batch is "
+                                  "`per_replica_batch * dp * fsdp` sequences", mtj=True)
+    gradient_accumulation_steps: int = _key(1, "micro-batches per optimizer step (summed, then divided by their "
+                                            "count)", mtj=True)
+    warmup_steps: int = _key(0, "linear warmup from 0 to `lr` over this many steps (see the optimizer below)",
+                             mtj=True)
+    anneal_steps: Optional[int] = _key(None, "half cosine from `lr` to `end_lr` over this many steps after warmup "
+                                       "(null: `total_steps - warmup_steps`); constant `end_lr` after", mtj=True)
+    lr: float = _key(1e-4, "peak learning rate", mtj=True)
+    end_lr: Optional[float] = _key(None, "learning rate after annealing (null: `lr`, i.e. no decay)", mtj=True)
+    weight_decay: float = _key(0.0, "additive weight decay, only on tensors with 2 or more dims", mtj=True)
+    total_steps: int = _key(0, "optimizer steps to train to (a resumed run continues up to it)", mtj=True,
+                            required=True)
+    ckpt_every: int = _key(500, "save a checkpoint every this many steps (and at total_steps, and on SIGTERM)",
+                           mtj=True)
+    keep_every: Optional[int] = _key(None, "also keep every checkpoint whose step is a multiple of this", mtj=True)
+    val_every: int = _key(500, "evaluate every `val_set` entry every this many steps", mtj=True)
+    val_batches: int = _key(100, "at most this many batches per validation set (its first ones)", mtj=True)
+    name: str = _key("gptj-jax", "run name (shown in logs)", mtj=True)
+    model_dir: str = _key("", "where checkpoints, metrics.jsonl and TensorBoard files go: a local path or "
+                          "gs://bucket/dir", mtj=True, required=True)
+    train_set: str = _key("", "a directory written by `gptj-jax prepare`, local or gs://", mtj=True, required=True)
+    val_set: dict = _key({}, "name -> directory written by `gptj-jax prepare` (local or `gs://`)", mtj=True)
+    tpu_size: Optional[int] = _key(None, "ignored: the device count comes from JAX (mtj: TPU cores)", mtj=True)
+    bucket: Optional[str] = _key(None, "ignored: mtj's GCS bucket (`model_dir` can be any path orbax writes)",
+                                 mtj=True)
+    eval_harness_tasks: list = _key([], "ignored: lm-eval-harness tasks run by mtj", mtj=True)
+    wandb_project: Optional[str] = _key(None, "ignored: logging goes to metrics.jsonl and TensorBoard", mtj=True)
+    comment: Optional[str] = _key(None, "free text", mtj=True)
+
+    # ---- our keys
+    model: Optional[str] = _key(None, "start from a checkpoint: HF directory, gptj-jax checkpoint or run directory "
+                                "(newest step), or an mtj checkpoint (its shape comes from the mtj shape keys); "
+                                "null: a random init")
+    model_config: Optional[str] = _key(None, "for a random init: a preset (`gptj-tiny`, `gptj-162m`, `gptj-1.3b`, "
+                                       "`gptj-6b`: `gptj_jax/presets/`) or a `config.json` path (null: GPT-J-6B); "
+                                       "the mtj shape keys override its fields")
+    n_positions: Optional[int] = _key(None, "`n_positions` for a random init without `model_config` (null: "
+                                      "`max(seq, 2048)`)")
+    mesh: Optional[str] = _key(None, "mesh as `dp=-1,fsdp=4,mp=2` (`-1`: the rest of the devices; an axis left "
+                               "out is 1, `dp` the rest); null: `mp=cores_per_replica`, `dp` = the rest")
+    dtype: str = _key("bfloat16", "compute dtype: `float32`, `bfloat16` or `float16`")
+    param_dtype: str = _key("float32", "master parameter and optimizer state dtype")
+    remat: str = _key("none", "rematerialisation per block: `none`, `dots`, `dots_no_batch`, `full`")
+    forward: str = _key("gspmd", "`gspmd` (the linen model under `jit`, XLA places the collectives) or `shard_map` "
+                        "(explicit Megatron layout from `gptj_jax/tp.py`, vocab-parallel loss; no dropout or remat)")
+    dropout: Optional[float] = _key(None, "sets `resid_pdrop`, `embd_pdrop` and `attn_pdrop` of the model (null: the "
+                                    "model's; mtj trained GPT-J without dropout)")
+    z_loss: float = _key(0.0, "coefficient of mtj's z-loss (mtj used 1e-4): adds "
+                         "`z * log(sum(exp(logits - max)))^2` per token")
+    seed: int = _key(0, "seed of the random init, the data order and dropout")
+    shuffle: bool = _key(True, "shuffle training records (per epoch, from `seed`)")
+    data_workers: int = _key(0, "grain worker processes reading records (0: in the main process)")
+    adam_b1: float = _key(0.9, "Adam beta1 (mtj: optax's default)")
+    adam_b2: float = _key(0.999, "Adam beta2 (mtj: optax's default)")
+    adam_eps: float = _key(1e-8, "Adam epsilon (mtj: optax's default)")
+    clip_norm: float = _key(1.0, "global-norm gradient clip (mtj: 1.0)")
+    keep_last: int = _key(3, "keep this many most recent checkpoints (plus the `keep_every` ones)")
+    async_checkpointing: bool = _key(True, "write checkpoints in the background")
+    log_every: int = _key(1, "write a `metrics.jsonl` row every this many steps")
+    peak_flops: Optional[float] = _key(None, "peak FLOP/s per device for MFU (null: a matmul in the compute dtype is "
+                                       "timed at startup)")
+    progress: bool = _key(True, "show a progress bar")
+    tensorboard: bool = _key(True, "write TensorBoard event files (when `tensorboardX` is installed)")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -179,7 +144,47 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-assert [f.name for f in dataclasses.fields(TrainConfig)] == [k for k, *_ in KEYS], "KEYS and TrainConfig drifted"
+_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
+KEYS: tuple[str, ...] = tuple(_FIELDS)  # every key, in the order of the docs
+REQUIRED_KEYS: tuple[str, ...] = tuple(k for k, f in _FIELDS.items() if f.metadata["required"])
+
+
+def key_help(key: str) -> str:
+    """The meaning of a key (its row in docs/training.md)."""
+    return _FIELDS[key].metadata["help"]
+
+
+# ---------------------------------------------------------------------------------------- docs
+def _yaml_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def keys_markdown(mtj: bool) -> str:
+    """The Markdown table of mesh-transformer-jax's keys (``mtj=True``) or of ours, as in docs/training.md.
+
+    ``tests/test_train_config.py`` checks that the doc holds exactly this text.
+    """
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, f in _FIELDS.items():
+        if f.metadata["mtj"] != mtj:
+            continue
+        default = "required" if f.metadata["required"] else f"`{_yaml_value(_field_default(f))}`"
+        meaning = f.metadata["help"].replace("|", "\\|")
+        kind = _type_name(_TYPES[key])
+        kind = kind.split(" ", 1)[1] if kind.startswith(("a ", "an ")) else kind  # "an integer" -> "integer"
+        rows.append(f"| `{key}` | {kind} | {default} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 # ---------------------------------------------------------------------------------------- types
@@ -193,7 +198,7 @@ def _type_name(tp: Any) -> str:
 
 def _check_type(key: str, value: Any, source: str) -> Any:
     """Return ``value`` coerced to the key's type (int -> float for float keys) or raise naming the key."""
-    tp = _SPEC[key][0]
+    tp = _TYPES[key]
     optional = typing.get_origin(tp) is Union
     base = [a for a in typing.get_args(tp) if a is not type(None)][0] if optional else tp
     if value is None:
@@ -226,7 +231,7 @@ def _check_type(key: str, value: Any, source: str) -> Any:
 
 
 def _unknown(key: str, source: str) -> TrainConfigError:
-    close = difflib.get_close_matches(key, [k for k, *_ in KEYS], n=3)
+    close = difflib.get_close_matches(key, KEYS, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see docs/training.md for the keys"
     return TrainConfigError(f"{source}: unknown key {key!r}{hint}")
 
@@ -264,8 +269,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
-    spec = _SPEC.get(key)
-    if spec is not None and spec[0] in (str, Optional[str]) and value is not None:
+    if _TYPES.get(key) in (str, Optional[str]) and value is not None:
         value = raw  # e.g. name=123 stays the string "123"
     if key.startswith("val_set."):
         value = raw
@@ -294,14 +298,14 @@ def load_train_config(path: Optional[str], overrides: list[str] = (), base: Opti
             data[key] = (value, "command line")
     kwargs = {}
     for key, (value, source) in data.items():
-        if key not in _SPEC:
+        if key not in _FIELDS:
             raise _unknown(key, source)
         kwargs[key] = _check_type(key, value, source)
-    missing = [key for key, (_, default, _) in _SPEC.items() if default is REQUIRED and key not in kwargs]
+    missing = [key for key in REQUIRED_KEYS if key not in kwargs]
     if len(missing) == 1:
-        raise TrainConfigError(f"{path or 'config'}: missing required key {missing[0]!r} ({_SPEC[missing[0]][2]})")
+        raise TrainConfigError(f"{path or 'config'}: missing required key {missing[0]!r} ({key_help(missing[0])})")
     if missing:
-        listed = "; ".join(f"{key!r} ({_SPEC[key][2]})" for key in missing)
+        listed = "; ".join(f"{key!r} ({key_help(key)})" for key in missing)
         raise TrainConfigError(f"{path or 'config'}: missing required keys {listed}")
     cfg = TrainConfig(**kwargs)
     validate(cfg, path or "config")
@@ -332,7 +336,7 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         raise TrainConfigError(f"{source}: key 'norm' must be 'layernorm' (GPT-J), got {cfg.norm!r}")
     if cfg.pe != "rotary":
         raise TrainConfigError(f"{source}: key 'pe' must be 'rotary' (GPT-J), got {cfg.pe!r}")
-    for key, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat", REMATS), ("forward", FORWARDS)):
+    for key, allowed in (("dtype", DTYPE_NAMES), ("param_dtype", DTYPE_NAMES), ("remat", REMATS), ("forward", FORWARDS)):
         if getattr(cfg, key) not in allowed:
             raise TrainConfigError(f"{source}: key {key!r} must be one of {list(allowed)}, got {getattr(cfg, key)!r}")
     if not cfg.model_dir:
@@ -362,16 +366,11 @@ def mesh_sizes(cfg: TrainConfig) -> dict[str, int]:
     from gptj_jax.sharding import parse_mesh
 
     if cfg.mesh is not None:
-        sizes = parse_mesh(cfg.mesh)
-        if "dp=" not in cfg.mesh.replace(" ", "") and -1 not in sizes.values():
-            sizes["dp"] = -1
-        return sizes
+        return parse_mesh(cfg.mesh, rest="dp")
     return {"dp": -1, "fsdp": 1, "mp": cfg.cores_per_replica or 1}
 
 
 # ---------------------------------------------------------------------------------------- model shape
-_ARCH = (("layers", "n_layer"), ("d_model", "n_embd"), ("n_heads", "n_head"), ("n_vocab", "vocab_size"),
-         ("pe_rotary_dims", "rotary_dim"))
 
 
 def model_config_for(cfg: TrainConfig, loaded: Optional[GPTJConfig] = None) -> GPTJConfig:
@@ -382,7 +381,7 @@ def model_config_for(cfg: TrainConfig, loaded: Optional[GPTJConfig] = None) -> G
     with every set shape key replacing its field. ``seq`` must fit in ``n_positions``.
     """
     if loaded is not None:
-        for key, field in _ARCH:
+        for key, field in MTJ_SHAPE_KEYS.items():
             value = getattr(cfg, key)
             if value is not None and value != getattr(loaded, field):
                 raise TrainConfigError(
@@ -402,7 +401,7 @@ def model_config_for(cfg: TrainConfig, loaded: Optional[GPTJConfig] = None) -> G
                     f"key 'model_config': {cfg.model_config!r} is neither a config.json path nor a preset "
                     f"({', '.join(preset_names())})"
                 ) from None
-        changes = {field: getattr(cfg, key) for key, field in _ARCH if getattr(cfg, key) is not None}
+        changes = {field: getattr(cfg, key) for key, field in MTJ_SHAPE_KEYS.items() if getattr(cfg, key) is not None}
         if cfg.n_positions is not None:
             changes["n_positions"] = cfg.n_positions
         elif cfg.model_config is None:

@@ -31,11 +31,11 @@ from typing import Any, Optional
 
 import numpy as np
 
+from gptj_jax.tokenizer import EOS_TOKEN_ID
 from gptj_jax.train import paths
 
 INDEX = "index.json"
 FORMAT = "gptj-jax-tokens"
-EOS_TOKEN_ID = 50256  # gptj_jax.tokenizer.EOS_TOKEN_ID (not imported here: that pulls in transformers)
 SHARD_BYTES = 256 * 2**20
 
 

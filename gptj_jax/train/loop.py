@@ -40,11 +40,14 @@ import numpy as np
 
 from gptj_jax import sharding as sh
 from gptj_jax.config import GPTJConfig
+from gptj_jax.dtypes import DTYPES
+from gptj_jax.losses import train_flops_per_token
 from gptj_jax.train import data as data_lib
 from gptj_jax.train import paths
 from gptj_jax.train import step as step_lib
 from gptj_jax.train.config import TrainConfig, TrainConfigError, mesh_sizes, model_config_for
-from gptj_jax.train.optimizer import mtj_optimizer, mtj_schedule
+from gptj_jax.train.evaluate import evaluate
+from gptj_jax.train.optimizer import OptimizerConfig
 
 METRICS_FILE = "metrics.jsonl"
 # A remote metrics.jsonl cannot be appended to: it is rewritten whole at most this often (and at every
@@ -173,14 +176,11 @@ def _checkpoint_config(path: str, cfg: TrainConfig) -> Optional[GPTJConfig]:
 
 
 @functools.lru_cache(maxsize=4)
-def _steps(scfg: step_lib.StepConfig, mesh: Any, opt_key: tuple) -> tuple:
+def _steps(scfg: step_lib.StepConfig, mesh: Any, ocfg: OptimizerConfig) -> tuple:
     """(optimizer, schedule, state shardings, jitted train step, jitted eval step), cached so that another
     ``train`` call in the same process with the same settings (a resume, the demo, tests) compiles nothing."""
-    warmup, anneal, lr, end_lr, wd, k, clip, b1, b2, eps, param_dtype = opt_key
-    schedule = mtj_schedule(warmup, anneal, lr, end_lr)
-    optimizer = mtj_optimizer(lr_schedule=schedule, weight_decay=wd, gradient_accumulation_steps=k, clip_norm=clip,
-                              b1=b1, b2=b2, eps=eps)
-    shardings = step_lib.state_shardings(scfg, mesh, optimizer, step_lib.DTYPES[param_dtype])
+    optimizer, schedule = ocfg.build()
+    shardings = step_lib.state_shardings(scfg, mesh, optimizer, DTYPES[ocfg.param_dtype])
     train_step = step_lib.make_train_step(scfg, mesh, optimizer, schedule, shardings)
     eval_step = step_lib.make_eval_step(scfg, mesh, shardings["params"])
     return optimizer, schedule, shardings, train_step, eval_step
@@ -313,19 +313,6 @@ class _Logger:
             self.tb.close()
 
 
-def evaluate(
-    params: Any, eval_step: Any, records: data_lib.TokenRecords, global_batch: int, max_batches: Optional[int],
-    sharding: Any,
-) -> dict:
-    """Mean token cross entropy over the first ``max_batches`` batches: ``{"loss", "ppl", "tokens"}``."""
-    total = np.zeros(2, np.float64)
-    for local in data_lib.eval_batches(records, global_batch, max_batches, jax.process_index(), jax.process_count()):
-        batch = jax.make_array_from_process_local_data(sharding, local)
-        total += np.asarray(eval_step(params, batch), np.float64)
-    loss = float(total[0] / total[1])
-    return {"loss": loss, "ppl": float(math.exp(min(loss, 700.0))), "tokens": int(total[1])}
-
-
 # ---------------------------------------------------------------------------------------- train
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) as ``cfg`` says; returns a summary dict (``step``, ``loss``, ``stopped_by``...).
@@ -386,12 +373,10 @@ def train(cfg: TrainConfig) -> dict:
     except BaseException:
         mngr.close()
         raise
-    param_dtype = step_lib.DTYPES[cfg.param_dtype]
+    param_dtype = DTYPES[cfg.param_dtype]
     scfg = step_lib.StepConfig(model_cfg, cfg.dtype, cfg.remat, cfg.forward, cfg.z_loss, k)
-    opt_key = (cfg.warmup_steps, cfg.anneal_steps_value, cfg.lr, cfg.end_lr_value, cfg.weight_decay, k, cfg.clip_norm,
-               cfg.adam_b1, cfg.adam_b2, cfg.adam_eps, cfg.param_dtype)
     try:
-        optimizer, schedule, shardings, train_step, eval_step = _steps(scfg, mesh, opt_key)
+        optimizer, schedule, shardings, train_step, eval_step = _steps(scfg, mesh, OptimizerConfig.from_train_config(cfg))
     except ValueError as e:
         raise TrainConfigError(f"mesh {sh.describe_mesh(mesh)} does not fit the model: {e}") from None
 
@@ -424,8 +409,8 @@ def train(cfg: TrainConfig) -> dict:
     batch_sharding = step_lib.batch_spec_sharding(mesh)
     eval_sharding = sh.logical_sharding(mesh, ("batch", "length"))
     tokens_per_step = k * micro * cfg.seq
-    flops_per_step = step_lib.model_flops_per_token(model_cfg, cfg.seq) * tokens_per_step
-    peak = cfg.peak_flops or measure_peak_flops(step_lib.DTYPES[cfg.dtype])
+    flops_per_step = train_flops_per_token(model_cfg, cfg.seq) * tokens_per_step
+    peak = cfg.peak_flops or measure_peak_flops(DTYPES[cfg.dtype])
     peak_total = peak * jax.device_count()
 
     main = jax.process_index() == 0

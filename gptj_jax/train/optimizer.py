@@ -19,10 +19,14 @@ divide by zero).
 
 Parameters and optimizer state are kept in ``param_dtype`` (float32 by default) whatever the compute dtype:
 the model casts the float32 master weights to bfloat16 for its matmuls, and the gradients arrive in float32.
+
+:class:`OptimizerConfig` holds every setting of the chain, taken from a :class:`TrainConfig`; it is frozen and
+hashable, so the training loop caches its compiled step functions on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -47,11 +51,6 @@ def mtj_schedule(warmup_steps: int, anneal_steps: int, lr: float, end_lr: float)
         return warmup_pct * lr - (lr - end_lr) * (1 - jnp.cos(jnp.pi * anneal_pct)) / 2
 
     return schedule
-
-
-def schedule_for(cfg: TrainConfig) -> optax.Schedule:
-    """The learning-rate schedule of a training config."""
-    return mtj_schedule(cfg.warmup_steps, cfg.anneal_steps_value, cfg.lr, cfg.end_lr_value)
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -80,14 +79,49 @@ def mtj_optimizer(
     )
 
 
-def optimizer_for(cfg: TrainConfig) -> optax.GradientTransformation:
-    """:func:`mtj_optimizer` with the config's keys."""
-    return mtj_optimizer(
-        lr_schedule=schedule_for(cfg),
-        weight_decay=cfg.weight_decay,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        clip_norm=cfg.clip_norm,
-        b1=cfg.adam_b1,
-        b2=cfg.adam_b2,
-        eps=cfg.adam_eps,
-    )
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Every setting of the optimizer (hashable): the schedule, the chain and the dtype of its state."""
+
+    warmup_steps: int
+    anneal_steps: int
+    lr: float
+    end_lr: float
+    weight_decay: float
+    grad_accum: int
+    clip_norm: float
+    b1: float
+    b2: float
+    eps: float
+    param_dtype: str  # of the master parameters and the optimizer state (a gptj_jax.dtypes name)
+
+    @classmethod
+    def from_train_config(cls, cfg: TrainConfig) -> OptimizerConfig:
+        """The training config's optimizer keys, with ``anneal_steps`` and ``end_lr`` defaults filled in."""
+        return cls(
+            warmup_steps=cfg.warmup_steps,
+            anneal_steps=cfg.anneal_steps_value,
+            lr=cfg.lr,
+            end_lr=cfg.end_lr_value,
+            weight_decay=cfg.weight_decay,
+            grad_accum=cfg.gradient_accumulation_steps,
+            clip_norm=cfg.clip_norm,
+            b1=cfg.adam_b1,
+            b2=cfg.adam_b2,
+            eps=cfg.adam_eps,
+            param_dtype=cfg.param_dtype,
+        )
+
+    def build(self) -> tuple[optax.GradientTransformation, optax.Schedule]:
+        """``(optimizer, schedule)``: :func:`mtj_optimizer` over :func:`mtj_schedule` with these settings."""
+        schedule = mtj_schedule(self.warmup_steps, self.anneal_steps, self.lr, self.end_lr)
+        optimizer = mtj_optimizer(
+            lr_schedule=schedule,
+            weight_decay=self.weight_decay,
+            gradient_accumulation_steps=self.grad_accum,
+            clip_norm=self.clip_norm,
+            b1=self.b1,
+            b2=self.b2,
+            eps=self.eps,
+        )
+        return optimizer, schedule

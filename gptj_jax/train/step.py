@@ -12,10 +12,11 @@ global micro-batch). Each record predicts ``seq`` tokens: inputs ``rec[:, :-1]``
 The micro-batch gradients are summed in float32 by a ``lax.scan`` and the optimizer (``optimizer.py``,
 mtj's chain) divides by k.
 
-Loss per token: cross entropy in float32, plus mtj's optional z-loss ``z * log(sum(exp(l - max(l))))^2``.
-Two forwards: ``gspmd`` (the linen model under jit; XLA places the collectives from the param and batch
-shardings) and ``shard_map`` (``tp.py``'s explicit Megatron forward; logits stay split over the vocabulary
-on ``mp`` and the loss is vocab-parallel: one ``pmax`` and one ``psum`` over ``mp``, never gathering V).
+Loss per token: ``losses.token_cross_entropy`` (float32), plus mtj's optional z-loss
+``z * log(sum(exp(l - max(l))))^2``. Two forwards: ``gspmd`` (the linen model under jit; XLA places the
+collectives from the param and batch shardings) and ``shard_map`` (``tp.shard_map_loss``: the explicit
+Megatron forward; logits stay split over the vocabulary on ``mp`` and the loss is vocab-parallel: one
+``pmax`` and one ``psum`` over ``mp``, never gathering V).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from jax.sharding import PartitionSpec as P
 
 from gptj_jax import sharding as sh
 from gptj_jax.config import GPTJConfig
+from gptj_jax.dtypes import DTYPES
+from gptj_jax.losses import token_cross_entropy
 from gptj_jax.model import model_for
 
 Array = jax.Array
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,40 +59,6 @@ class StepConfig:
 
 
 # ---------------------------------------------------------------------------------------- losses
-def token_losses(logits: Array, targets: Array, z_loss: float = 0.0) -> tuple[Array, Array]:
-    """Per-token cross entropy and z-loss term. logits ``[b, T, V]`` (any float), targets ``[b, T]`` int.
-
-    Returns ``(ce [b, T], z [b, T])`` float32; ``z = z_loss * log(sum(exp(logits - max)))^2`` (mtj).
-    """
-    logits = logits.astype(jnp.float32)
-    m = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [b, T, 1]
-    shifted = logits - m
-    log_z = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))  # [b, T]
-    target = jnp.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]  # [b, T]
-    return log_z - target, z_loss * jnp.square(log_z)
-
-
-def _vocab_parallel_losses(logits: Array, targets: Array, tp: tuple[str, ...], z_loss: float) -> tuple[Array, Array]:
-    """:func:`token_losses` inside ``shard_map`` with logits ``[b, T, V/mp]`` split over ``tp`` axes.
-
-    One ``pmax`` of the row max, one ``psum`` of (sum of exp, target logit); V is never gathered.
-    """
-    rows = logits.shape[-1]
-    m = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [b, T, 1]
-    if tp:
-        m = lax.pmax(m, tp)
-    shifted = logits - m
-    first = lax.axis_index(tp) * rows if tp else 0
-    local = targets - first
-    hit = (local >= 0) & (local < rows)
-    target = jnp.take_along_axis(shifted, jnp.clip(local, 0, rows - 1)[..., None], axis=-1)[..., 0]
-    sums = jnp.stack([jnp.sum(jnp.exp(shifted), axis=-1), jnp.where(hit, target, 0.0)])  # [2, b, T]
-    if tp:
-        sums = lax.psum(sums, tp)
-    log_z = jnp.log(sums[0])
-    return log_z - sums[1], z_loss * jnp.square(log_z)
-
-
 def make_loss_fn(cfg: StepConfig, mesh: Mesh) -> Callable[[Any, Array, Array], tuple[Array, dict]]:
     """``loss(params, tokens [b, seq+1] int32, rng) -> (mean ce + mean z, {"ce", "z"})`` for one micro-batch."""
     dtype = DTYPES[cfg.dtype]
@@ -101,38 +69,21 @@ def make_loss_fn(cfg: StepConfig, mesh: Mesh) -> Callable[[Any, Array, Array], t
             inputs, targets = tokens[:, :-1], tokens[:, 1:]
             rngs = None if cfg.deterministic else {"dropout": rng}
             logits = module.apply({"params": params}, inputs, deterministic=cfg.deterministic, rngs=rngs).logits
-            ce, z = token_losses(logits, targets, cfg.z_loss)
+            ce, z, _ = token_cross_entropy(logits, targets, z_loss=cfg.z_loss)
             return jnp.mean(ce) + jnp.mean(z), {"ce": jnp.mean(ce), "z": jnp.mean(z)}
 
         return loss
 
     from gptj_jax import tp as tpmod
-    from gptj_jax.model import logical_axes
 
     if not cfg.deterministic:
         raise ValueError("forward=shard_map has no dropout: set resid_pdrop, embd_pdrop and attn_pdrop to 0 or use forward=gspmd")
     if cfg.remat != "none":
         raise ValueError(f"forward=shard_map does not rematerialise (remat={cfg.remat!r}): use remat=none or forward=gspmd")
-    layout = tpmod.layout_of(mesh)
-    logical = logical_axes(cfg.model, "causal_lm")
-    specs, batch_spec, _ = tpmod.shard_map_specs(cfg.model, mesh, sh.DEFAULT_RULES)
+    sharded = tpmod.shard_map_loss(cfg.model, mesh, dtype, sh.DEFAULT_RULES, z_loss=cfg.z_loss, ignore_index=None)
 
-    def local(params, inputs, targets):  # per device: inputs / targets [b_local, T]
-        ones = jnp.ones(inputs.shape, jnp.int32)
-        pos = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
-        logits = tpmod.local_logits(cfg.model, params, logical, specs, inputs, ones, pos, layout, dtype)
-        ce, z = _vocab_parallel_losses(logits, targets, layout.tp, cfg.z_loss)
-        n = jnp.float32(ce.size)
-        sums = jnp.stack([jnp.sum(ce), jnp.sum(z), n])
-        if layout.batch:
-            sums = lax.psum(sums, layout.batch)
-        return sums
-
-    mapped = jax.shard_map(local, mesh=mesh, in_specs=(specs, batch_spec, batch_spec), out_specs=P())
-
-    def loss(params, tokens, rng):
-        sums = mapped(params, tokens[:, :-1], tokens[:, 1:])
-        ce, z = sums[0] / sums[2], sums[1] / sums[2]
+    def loss(params, tokens, rng):  # no mask: every row is a full record, positions 0..seq-1
+        ce, z = sharded(params, tokens[:, :-1], tokens[:, 1:])
         return ce + z, {"ce": ce, "z": z}
 
     return loss
@@ -258,13 +209,3 @@ def make_eval_step(cfg: StepConfig, mesh: Mesh, params_shardings: Any) -> Callab
         in_shardings=(params_shardings, sh.logical_sharding(mesh, ("batch", "length"))),
         out_shardings=NamedSharding(mesh, P()),
     )
-
-
-def model_flops_per_token(config: GPTJConfig, seq: int) -> float:
-    """Training FLOPs per token (forward + backward, no remat): ``6 * N + 12 * n_layer * n_embd * seq``.
-
-    N counts every matmul weight (the embedding lookup is not a matmul and is left out; lm_head is in);
-    the second term is attention's two ``[T, T]`` matmuls (PaLM's accounting, causal mask not discounted).
-    """
-    n = config.num_params("causal_lm") - config.vocab_size * config.n_embd
-    return 6.0 * n + 12.0 * config.n_layer * config.n_embd * seq

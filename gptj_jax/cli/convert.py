@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 
+from gptj_jax.cli.command import Command
+from gptj_jax.dtypes import DTYPE_NAMES
+
 HELP = "convert a checkpoint between Transformers, gptj-jax Flax and mesh-transformer-jax formats"
 
 
-def add_convert_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the ``convert`` flags to an (already created) sub-parser."""
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``convert`` flags to its sub-parser."""
     p.add_argument("src", metavar="SRC", help="source checkpoint; its format (hf, flax, mtj) is detected")
     p.add_argument("dst", metavar="DST", help="output directory (written to a temporary sibling, then renamed)")
     p.add_argument("--to", required=True, choices=["hf", "flax", "mtj"], help="output format")
@@ -21,7 +24,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="HF config.json or mesh-transformer-jax config JSON; required for mesh-transformer-jax sources",
     )
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast every tensor (default: keep)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="cast every tensor (default: keep)")
     p.add_argument("--max-shard-size", default="5GB", help="HF output: largest safetensors shard (default 5GB)")
     p.add_argument("--shards", type=int, help="mesh-transformer-jax output: number of model-parallel shards (mp), >= 1")
     p.add_argument(
@@ -33,16 +36,8 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
 
 
-def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``convert`` on an ``add_subparsers()`` object; returns its parser."""
-    p = subparsers.add_parser("convert", help=HELP, description=HELP)
-    add_convert_arguments(p)
-    p.set_defaults(func=run_convert)
-    return p
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    """Run the conversion; exceptions propagate (the top-level CLI turns them into one error line)."""
+def run(args: argparse.Namespace) -> int:
+    """Run the conversion; exceptions propagate (:func:`gptj_jax.cli.main` turns them into one error line)."""
     from gptj_jax.convert.pipeline import convert
 
     convert(
@@ -61,19 +56,4 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m gptj_jax.convert.cli SRC DST --to ...``: the verb on its own, errors as one line."""
-    import sys
-
-    parser = argparse.ArgumentParser(prog="gptj-jax convert", description=HELP)
-    add_convert_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_convert(args)
-    except Exception as e:  # one line and a non-zero exit, as the main CLI does
-        print(f"gptj-jax convert: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+COMMAND = Command(HELP, add_arguments, run)

@@ -1,4 +1,4 @@
-"""The ``train``, ``prepare`` and ``eval`` verbs: flag parsing that calls the library (registered in ``gptj_jax/cli.py``).
+"""The ``prepare``, ``train`` and ``eval`` verbs: flags in, :mod:`gptj_jax.train` out.
 
     gptj-jax prepare --input data/*.txt --output out/data --seq 2048
     gptj-jax train configs/finetune-6b-v3-8.yaml total_steps=1000 lr=3e-5
@@ -11,14 +11,15 @@ first, so running the same command again resumes).
 from __future__ import annotations
 
 import argparse
-import math
-from typing import Any
 
-from gptj_jax.distributed import add_distributed_args, maybe_initialize
+from gptj_jax.cli.command import Command
+from gptj_jax.distributed import add_distributed_args
+from gptj_jax.dtypes import DTYPE_NAMES
 
 
 # ---------------------------------------------------------------------------------------- train
-def add_train_parser(p: argparse.ArgumentParser) -> None:
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``train`` flags to its sub-parser."""
     p.add_argument("config", help="training config, JSON or YAML (mesh-transformer-jax keys work; see docs/training.md)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="override config keys, e.g. total_steps=100 lr=3e-5 val_set.pile=out/val")
@@ -26,6 +27,9 @@ def add_train_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """Train (or resume) and print one summary line; the exit code says how the run stopped."""
+    from gptj_jax.distributed import maybe_initialize
+
     maybe_initialize(args)
     from gptj_jax.train.config import load_train_config
     from gptj_jax.train.loop import train
@@ -45,7 +49,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------- prepare
-def add_prepare_parser(p: argparse.ArgumentParser) -> None:
+def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``prepare`` flags to its sub-parser."""
     p.add_argument("--input", nargs="+", required=True, metavar="FILE",
                    help=".txt (one document per file), .jsonl or .jsonl.zst (one document per line, 'text' field)")
     p.add_argument("--output", required=True, metavar="DIR", help="directory to write index.json and token shards to")
@@ -56,6 +61,7 @@ def add_prepare_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    """Tokenize and pack the input, then print one line describing the prepared set."""
     from gptj_jax.train.data import prepare
 
     index = prepare(args.input, args.output, seq=args.seq, workers=args.workers, overwrite=args.overwrite,
@@ -66,7 +72,8 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------- eval
-def add_eval_parser(p: argparse.ArgumentParser) -> None:
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``eval`` flags to its sub-parser."""
     p.add_argument("--model", required=True, metavar="PATH",
                    help="HF directory, gptj-jax checkpoint or training run dir (newest step), or mtj checkpoint")
     p.add_argument("--data", required=True, nargs="+", metavar="DIR", help="prepared data directories (gptj-jax prepare)")
@@ -74,53 +81,27 @@ def add_eval_parser(p: argparse.ArgumentParser) -> None:
                    help="model config for an mtj checkpoint (its training JSON or an HF config.json)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
     p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches per data dir")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="compute dtype")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="compute dtype")
     p.add_argument("--mesh", default=None, help="mesh, e.g. 'dp=-1,mp=8' (default: all devices data-parallel)")
     add_distributed_args(p)
 
 
-def evaluate_checkpoint(model: str, data_dirs: list[str], batch_size: int = 8, max_batches: Any = None,
-                        dtype: str = "float32", mesh_text: Any = None, config_path: Any = None) -> list[dict]:
-    """Loss (nats/token), perplexity and bits per byte of ``model`` on each prepared dir in ``data_dirs``."""
-    import jax.numpy as jnp
-
-    from gptj_jax import sharding as sh
-    from gptj_jax.convert.pipeline import load_config
-    from gptj_jax.train import data as data_lib
-    from gptj_jax.train import step as step_lib
-    from gptj_jax.train.loop import evaluate, load_params
-
-    sizes = sh.parse_mesh(mesh_text) if mesh_text else {"dp": -1, "fsdp": 1, "mp": 1}
-    if mesh_text and "dp=" not in mesh_text.replace(" ", "") and -1 not in sizes.values():
-        sizes["dp"] = -1
-    mesh = sh.make_mesh(**sizes)
-    hint = load_config(config_path)[0] if config_path else None
-    config, params = load_params(model, hint, lambda c: sh.param_shardings(c, mesh, "causal_lm"), jnp.float32)
-    scfg = step_lib.StepConfig(config, dtype)
-    eval_step = step_lib.make_eval_step(scfg, mesh, sh.param_shardings(config, mesh, "causal_lm"))
-    sharding = sh.logical_sharding(mesh, ("batch", "length"))
-    results = []
-    for directory in data_dirs:
-        records = data_lib.TokenRecords(directory, key="--data")
-        if records.seq > config.n_positions:
-            raise data_lib.DataError(
-                f"--data {directory} was prepared with --seq {records.seq}, larger than the model's n_positions "
-                f"({config.n_positions})"
-            )
-        sh.check_batch(mesh, batch_size)
-        r = evaluate(params, eval_step, records, batch_size, max_batches, sharding)
-        bpt = records.bytes_per_token
-        r["bits_per_byte"] = r["loss"] / math.log(2) / bpt if bpt else float("nan")
-        r["data"] = directory
-        results.append(r)
-    return results
-
-
 def run_eval(args: argparse.Namespace) -> int:
+    """Evaluate the checkpoint on each data dir and print one line per dir."""
+    from gptj_jax.distributed import maybe_initialize
+
     maybe_initialize(args)
+    from gptj_jax.train.evaluate import evaluate_checkpoint
+
     results = evaluate_checkpoint(args.model, args.data, args.batch_size, args.max_batches, args.dtype, args.mesh,
                                   args.config)
     for r in results:
         print(f"{r['data']}: loss {r['loss']:.4f}  perplexity {r['ppl']:.3f}  bits per byte {r['bits_per_byte']:.4f}  "
               f"({r['tokens']} tokens)")
     return 0
+
+
+PREPARE = Command("tokenize text into packed training records", add_prepare_arguments, run_prepare)
+TRAIN = Command("train / fine-tune from a JSON or YAML config (resumes if checkpoints exist)", add_train_arguments,
+                run_train)
+EVAL = Command("loss, perplexity and bits per byte of a checkpoint on prepared data", add_eval_arguments, run_eval)
