@@ -1,58 +1,64 @@
-"""The KV cache: a plain pytree passed into the model and returned updated.
+"""The KV cache: one layout, a plain pytree passed into the model and returned updated.
 
-Layout (``B`` batch, ``S`` cache slots, ``N`` heads, ``H`` head dim)::
+Layout (``B`` rows, ``N`` heads, ``S`` cache slots, ``H`` head dim, ``T`` new tokens)::
 
     {
-      "layers":  [{"k": [B, S, N, H], "v": [B, S, N, H]}, ...]   # one dict per layer, compute dtype
-                                                                # ([B, N, S, H] with layout="BNSH")
+      "layers":  [{"k": [B, N, S, H], "v": [B, N, S, H]}, ...]   # one dict per layer, heads first
       "mask":    [B, S] bool     # slot holds a real (non-pad) token
-      "index":   [] int32        # next slot to write; the same for every row
+      "index":   [B] int32       # next slot to write, per row
       "lengths": [B] int32       # real tokens seen per row = position id of the row's next token
     }
 
-Rows share the slot index: a left-padded batch writes its pads into slots and masks them out,
-so every row advances one slot per decode step. Positions are absolute per row (``lengths``),
-independent of slots, which is what rotary embeddings need for left padding.
-Two K/V layouts: ``"BSNH"`` (the default, what ``sharding.cache_shardings`` expects) and ``"BNSH"``
-(heads first, used by ``generate``): with heads first the attention dots find their batch axes
-(B, N) leading, so XLA reads the cache as stored instead of transposing all of it at every decode
-step (on the CPU, for a 162M model at batch 16, that transpose took 24 ms of a 75 ms step). The model
-is told the layout (``GPTJForCausalLM(..., cache_layout=...)``); ``check_cache_layout`` catches a
-mismatch whenever the shapes tell the layouts apart (``S != N``).
-Writing past ``S`` is not detected inside jit (``dynamic_update_slice`` would clamp), so callers
-size the cache up front; ``generate`` checks ``prompt + max_new_tokens <= S``.
+A model call with ``T`` new tokens writes row ``b``'s K/V at slots ``index[b] .. index[b] + T - 1``
+(:func:`write_kv`, :func:`write_mask`); new token ``t`` of row ``b`` sees key slot ``s`` iff
+``mask[b, s]`` and ``s <= index[b] + t``. A left-padded batch writes its pads into slots that stay
+masked, so rows that started together advance together; rows filled at different times (decode slots
+of an engine, :func:`insert`) each keep their own ``index``. Positions are absolute per row
+(``lengths[b] + cumsum(mask) - 1``), independent of slots, which is what rotary embeddings need.
+
+Heads first (``[B, N, S, H]``): the attention dots have their batch axes (B, N) leading, so XLA reads the
+cache as stored instead of transposing all of it at every decode step (with ``[B, S, N, H]`` that
+transpose took 24 ms of a 75 ms step for a 162M model at batch 16 on the CPU).
+
+:data:`CACHE_AXES` names the logical axes of every array (``sharding.cache_shardings`` maps them onto a
+mesh: rows over the batch axes, heads over ``mp``). :func:`take_rows` (gather rows, e.g. reorder beams)
+and :func:`insert` (copy a prefilled cache into rows of a bigger one) are the row helpers.
+
+Writing past ``S`` is not detected inside jit (the write is clamped), so callers size the cache up
+front; ``generate`` checks ``prompt + max_new_tokens <= S``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+from jax import lax
 
 from .config import GPTJConfig
 
 Cache = dict[str, Any]
+Array = jax.Array
+
+# Logical axis names of the cache arrays ("kv" is every layer's k and v).
+CACHE_AXES: dict[str, tuple[str, ...]] = {
+    "kv": ("batch", "heads", "cache_length", "head_dim"),  # [B, N, S, H]
+    "mask": ("batch", "cache_length"),  # [B, S]
+    "index": ("batch",),  # [B]
+    "lengths": ("batch",),  # [B]
+}
 
 
-CACHE_LAYOUTS = ("BSNH", "BNSH")
-
-
-def init_cache(
-    config: GPTJConfig, batch_size: int, max_len: int, dtype: Any = jnp.float32, layout: str = "BSNH"
-) -> Cache:
-    """An empty cache with ``max_len`` slots per row (zeros; nothing valid); K/V in ``layout``."""
+def init_cache(config: GPTJConfig, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
+    """An empty cache: ``batch_size`` rows of ``max_len`` slots (K/V zeros in ``dtype``; nothing valid)."""
     if max_len <= 0 or batch_size <= 0:
         raise ValueError(f"cache needs batch_size > 0 and max_len > 0, got {batch_size} and {max_len}")
-    if layout not in CACHE_LAYOUTS:
-        raise ValueError(f"cache layout {layout!r} is not one of {CACHE_LAYOUTS}")
-    if layout == "BSNH":
-        shape = (batch_size, max_len, config.n_head, config.head_dim)
-    else:
-        shape = (batch_size, config.n_head, max_len, config.head_dim)
+    shape = (batch_size, config.n_head, max_len, config.head_dim)
     return {
         "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layer)],
         "mask": jnp.zeros((batch_size, max_len), dtype=bool),
-        "index": jnp.zeros((), jnp.int32),
+        "index": jnp.zeros((batch_size,), jnp.int32),
         "lengths": jnp.zeros((batch_size,), jnp.int32),
     }
 
@@ -67,13 +73,82 @@ def cache_bytes(config: GPTJConfig, batch_size: int, max_len: int, dtype: Any = 
     return 2 * config.n_layer * batch_size * max_len * config.n_embd * jnp.dtype(dtype).itemsize
 
 
-def check_cache_layout(config: GPTJConfig, cache: Cache, layout: str) -> None:
-    """Raise ValueError if the K/V arrays do not have the shape of ``layout`` (static shapes only)."""
-    if layout not in CACHE_LAYOUTS:
-        raise ValueError(f"cache layout {layout!r} is not one of {CACHE_LAYOUTS}")
+def cache_axes(cache: Cache) -> Cache:
+    """A pytree like ``cache`` whose leaves are the logical axis names (tuples) of its arrays."""
+    return {
+        "layers": [{name: CACHE_AXES["kv"] for name in layer} for layer in cache["layers"]],
+        "mask": CACHE_AXES["mask"],
+        "index": CACHE_AXES["index"],
+        "lengths": CACHE_AXES["lengths"],
+    }
+
+
+def check_cache(config: GPTJConfig, cache: Cache) -> None:
+    """Raise ValueError unless ``cache`` has this module's layout for ``config`` (static shapes only)."""
     B, S = cache["mask"].shape
-    N, H = config.n_head, config.head_dim
-    want = (B, S, N, H) if layout == "BSNH" else (B, N, S, H)
+    want = (B, config.n_head, S, config.head_dim)
+    if len(cache["layers"]) != config.n_layer:
+        raise ValueError(f"cache has {len(cache['layers'])} layers, the model {config.n_layer}")
     got = tuple(cache["layers"][0]["k"].shape)
     if got != want:
-        raise ValueError(f"cache K/V shape {got} is not the {layout} layout {want} (see cache.init_cache(layout=))")
+        raise ValueError(
+            f"cache K/V shape {got} is not the cache layout [B, N, S, H] = {want} (see cache.init_cache)"
+        )
+    for name in ("index", "lengths"):
+        if tuple(cache[name].shape) != (B,):
+            raise ValueError(f"cache[{name!r}] has shape {tuple(cache[name].shape)}, expected [B] = {(B,)}")
+
+
+# ---------------------------------------------------------------------------------------- writes
+def write_kv(buf: Array, new: Array, index: Array) -> Array:
+    """Row ``b`` of ``new [B, N, T, H]`` into ``buf [B, N, S, H]`` at slots ``index[b] .. index[b] + T - 1``.
+
+    ``index [B]`` int32. One scatter (a per-row ``dynamic_update_slice``); in place when ``buf`` is donated.
+    """
+    return jax.vmap(lambda b, n, i: lax.dynamic_update_slice(b, n.astype(b.dtype), (0, i, 0)))(buf, new, index)
+
+
+def write_mask(mask: Array, new: Array, index: Array) -> Array:
+    """Row ``b`` of ``new [B, T]`` bool into ``mask [B, S]`` at slots ``index[b] ..``; ``index [B]``."""
+    return jax.vmap(lambda m, n, i: lax.dynamic_update_slice(m, n.astype(m.dtype), (i,)))(mask, new, index)
+
+
+# ---------------------------------------------------------------------------------------- rows
+def take_rows(cache: Cache, rows: Array) -> Cache:
+    """The cache of rows ``rows [R]`` (int, repeats allowed): every array gathered along its row axis.
+
+    Reorders beams (row ``r`` of the result is row ``rows[r]`` of ``cache``) and repeats prompts
+    (``rows = repeat(arange(B), n)``). Returns a cache of ``R`` rows.
+    """
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache)
+
+
+def insert(cache: Cache, prefix: Cache, slot: Array) -> Cache:
+    """Copy ``prefix`` (a cache of ``b`` rows and ``S_p <= S`` slots, e.g. from a prefill) into rows
+    ``slot .. slot + b - 1`` of ``cache`` (``S`` slots).
+
+    The rows get the prefix's K/V in slots ``[0, S_p)``, its mask there and ``False`` in ``[S_p, S)`` (so
+    whatever an earlier occupant left is never seen), and its ``index`` and ``lengths``. ``slot`` may be
+    traced (int32 scalar). Pure: jit it with ``cache`` donated to update in place.
+    """
+    b, s_p = prefix["mask"].shape
+    B, S = cache["mask"].shape
+    if s_p > S or b > B:
+        raise ValueError(f"cannot insert a prefix of {b} rows x {s_p} slots into a cache of {B} rows x {S} slots")
+    slot = jnp.asarray(slot, jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+
+    def put(dst: Array, src: Array) -> Array:
+        start = (slot,) + (zero,) * (dst.ndim - 1)
+        return lax.dynamic_update_slice(dst, src.astype(dst.dtype), start)
+
+    mask = jnp.zeros((b, S), bool).at[:, :s_p].set(prefix["mask"])
+    return {
+        "layers": [
+            {name: put(layer[name], src[name]) for name in layer}
+            for layer, src in zip(cache["layers"], prefix["layers"])
+        ],
+        "mask": put(cache["mask"], mask),
+        "index": put(cache["index"], prefix["index"]),
+        "lengths": put(cache["lengths"], prefix["lengths"]),
+    }

@@ -5,18 +5,23 @@ Axis letters: ``B`` rows, ``P`` prompt length, ``N`` new-token slots, ``S`` cach
 
 Pieces, each usable on its own:
 
+* :func:`forward_cached` ``(params, tokens [B, T], mask [B, T], cache) -> (last_logits [B, V], cache)``: the
+  one model call generation compiles (prefill, decode, ``plan`` and the benchmarks all run it): ``T``
+  tokens per row into the cache (``cache.py``'s layout) at each row's next slots, the LM head at the last
+  position only.
 * :func:`prefill` ``(params, tokens [B, P], attention_mask [B, P]) -> (last_logits [B, V], cache)``:
   runs the prompt through the model into a freshly allocated ``cache_len``-slot cache and computes the
   LM head only at the last position (with left padding, the last real token of every row).
 * :func:`decode_step` ``(params, cache, tokens [B]) -> (logits [B, V], cache)``: one token per row; the
-  cache is donated and updated in place. A full cache (``cache["index"] == S``) is an error.
-* :func:`generate`: the whole loop. The prompt batch is left-padded into a *bucket* (lengths and batch
-  sizes rounded up to ``2^k`` or ``3 * 2^(k-1)``; ``max_new_tokens`` likewise), prefilled, and the first
-  token sampled in one compiled program; the rest runs in one ``lax.while_loop`` that stops as soon as
-  every row has finished (EOS or ``max_new_tokens``). The loop state (cache, output buffers, flags) is
-  donated, so the cache is allocated once and updated in place. Sampling knobs (temperature, top-k,
-  top-p, min-p, penalty), ``max_new_tokens``, ``min_new_tokens``, EOS ids and the seed are traced
-  values: a new prompt in the same bucket, or new knob values, reuse the compiled programs.
+  cache is donated and updated in place. A full cache (a row's ``cache["index"] == S``) is an error.
+* :func:`generate`: the whole loop, knobs from a :class:`~gptj_jax.generation_config.GenerationConfig`
+  and/or keywords. The prompt batch is left-padded into a *bucket* (lengths and batch sizes rounded up to
+  ``2^k`` or ``3 * 2^(k-1)``; ``max_new_tokens`` likewise), prefilled, and the first token sampled in one
+  compiled program; the rest runs in one ``lax.while_loop`` that stops as soon as every row has finished
+  (EOS or ``max_new_tokens``). The loop state (cache, output buffers, flags) is donated, so the cache is
+  allocated once and updated in place. Sampling knobs (temperature, top-k, top-p, min-p, penalty, n-gram
+  size, bad words), ``max_new_tokens``, ``min_new_tokens``, EOS ids and the seed are traced values: a new
+  prompt in the same bucket, or new knob values, reuse the compiled programs.
 
 Streaming and stop strings run the same compiled loop in chunks of ``stream_interval`` steps (the loop's
 ``stop_at`` is traced), handing the new tokens to the host between chunks.
@@ -31,8 +36,8 @@ import collections
 import dataclasses
 import functools
 import os
-from collections.abc import Iterator, Sequence
-from typing import Any, Callable, Optional, Union
+from collections.abc import Iterator
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,22 +46,24 @@ from jax import lax
 
 from .cache import Cache, init_cache
 from .config import GPTJConfig
+from .generation_config import GenerationConfig, GenerationError
 from .model import GPTJForCausalLM
-from .sampling import SEED_LIMIT, SamplingParams, SamplingSpec, prompt_keys, row_keys, sample
+from .sampling import SamplingParams, SamplingSpec, bad_words_table, prompt_keys, row_keys, sample
 from .tokenizer import NUM_REAL_TOKENS, VOCAB_SIZE, is_gptj_tokenizer
 
 Array = jax.Array
 Params = Any
+
+__all__ = [
+    "GenerateOutput", "GenerationConfig", "GenerationError", "StreamChunk", "bucket", "decode_step",
+    "enable_compilation_cache", "forward_cached", "generate", "iter_generate", "prefill",
+]
 
 EOS_SLOTS = 8  # EOS ids are passed as a traced array of at least this many slots (unused slots -1)
 SAFE_ID = 0  # what the model is fed at masked (pad) positions and for finished rows: always in the vocab
 
 # How many times each compiled function was traced (tests check a second call in the same bucket adds none).
 TRACE_COUNTS: collections.Counter = collections.Counter()
-
-
-class GenerationError(ValueError):
-    """Bad input to ``generate`` (empty or too long prompt, option out of range...); the message names it."""
 
 
 # ---------------------------------------------------------------------------------------- buckets
@@ -94,80 +101,79 @@ def enable_compilation_cache(directory: Optional[str] = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------- model steps
-CACHE_LAYOUT = "BNSH"  # what generate uses: K/V [B, N, S, H], no per-step transpose of the cache (cache.py)
+def forward_cached(
+    params: Params, tokens: Array, mask: Optional[Array], cache: Cache, *, config: GPTJConfig, dtype: Any
+) -> tuple[Array, Cache]:
+    """tokens, mask ``[B, T]`` into ``cache`` -> (logits at the last position ``[B, V]`` float32, cache).
 
-
-def _model(config: GPTJConfig, dtype: Any, layout: str) -> GPTJForCausalLM:
-    return GPTJForCausalLM(config, dtype=dtype, cache_layout=layout)
-
-
-def _prefill(params: Params, tokens: Array, mask: Array, config: GPTJConfig, cache_len: int, dtype: Any,
-             layout: str = CACHE_LAYOUT):
-    """tokens, mask ``[B, P]`` -> (logits at the last position ``[B, V]`` float32, cache with ``cache_len`` slots).
-
-    Masked positions are fed ``SAFE_ID`` whatever they hold (a pad id outside the vocabulary would embed
-    as NaN, and NaN keys/values poison the real positions through the masked attention weights).
+    Row ``b``'s tokens go to its slots ``cache["index"][b] ..`` (``cache.py``). ``mask`` None means every
+    token is real. Masked positions are fed ``SAFE_ID`` whatever they hold (a pad id outside the vocabulary
+    would embed as NaN, and NaN keys/values poison the real positions through the masked attention
+    weights). Not jitted: callers jit it (with the cache donated) as part of their program.
     """
-    tokens = jnp.where(mask > 0, tokens, SAFE_ID)
-    cache = init_cache(config, tokens.shape[0], cache_len, dtype, layout=layout)
-    out = _model(config, dtype, layout).apply(
+    if mask is not None:
+        tokens = jnp.where(mask > 0, tokens, SAFE_ID)
+    out = GPTJForCausalLM(config, dtype=dtype).apply(
         {"params": params}, tokens, attention_mask=mask, cache=cache, logits_to_keep=1
     )
     return out.logits[:, -1], out.cache
 
 
-def _forward_one(params: Params, cache: Cache, tokens: Array, config: GPTJConfig, dtype: Any,
-                 layout: str = CACHE_LAYOUT):
+def _prefill(params: Params, tokens: Array, mask: Array, config: GPTJConfig, cache_len: int, dtype: Any):
+    """tokens, mask ``[B, P]`` -> (logits at the last position ``[B, V]`` float32, cache with ``cache_len`` slots)."""
+    cache = init_cache(config, tokens.shape[0], cache_len, dtype)
+    return forward_cached(params, tokens, mask, cache, config=config, dtype=dtype)
+
+
+def _forward_one(params: Params, cache: Cache, tokens: Array, config: GPTJConfig, dtype: Any):
     """tokens ``[B]`` at the next slot of every row -> (logits ``[B, V]`` float32, cache)."""
-    out = _model(config, dtype, layout).apply({"params": params}, tokens[:, None], cache=cache)
-    return out.logits[:, 0], out.cache
+    return forward_cached(params, tokens[:, None], None, cache, config=config, dtype=dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_len", "dtype", "cache_layout"))
+@functools.partial(jax.jit, static_argnames=("config", "cache_len", "dtype"))
 def prefill(
     params: Params, tokens: Array, attention_mask: Array, *, config: GPTJConfig, cache_len: int,
-    dtype: Any = jnp.float32, cache_layout: str = "BSNH",
+    dtype: Any = jnp.float32,
 ) -> tuple[Array, Cache]:
     """Run a left-padded prompt batch into a new cache.
 
     tokens, attention_mask ``[B, P]`` (1 = real token; pads on the left). Returns the logits of the last
-    position ``[B, V]`` float32 (the LM head runs only there) and a cache with ``cache_len >= P`` slots,
-    of which the first ``P`` are filled, K/V in ``cache_layout`` (``"BSNH"``, the model's default and
-    what ``sharding.cache_shardings`` describes, or ``"BNSH"``, faster on CPU; see ``cache.py``).
+    position ``[B, V]`` float32 (the LM head runs only there) and a cache (``cache.py``'s layout) with
+    ``cache_len >= P`` slots, of which the first ``P`` are filled (``cache["index"]`` is ``P`` in every row).
     Positions are ``cumsum(mask) - 1`` per row.
     """
     TRACE_COUNTS["prefill"] += 1
     if cache_len < tokens.shape[1]:
         raise GenerationError(f"cache_len {cache_len} is shorter than the prompt ({tokens.shape[1]} tokens)")
-    return _prefill(params, tokens, attention_mask, config, cache_len, dtype, cache_layout)
+    return _prefill(params, tokens, attention_mask, config, cache_len, dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "cache_layout"), donate_argnames=("cache",))
-def _decode_step(params: Params, cache: Cache, tokens: Array, *, config: GPTJConfig, dtype: Any = jnp.float32,
-                 cache_layout: str = "BSNH") -> tuple[Array, Cache]:
+@functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
+def _decode_step(params: Params, cache: Cache, tokens: Array, *, config: GPTJConfig,
+                 dtype: Any = jnp.float32) -> tuple[Array, Cache]:
     TRACE_COUNTS["decode_step"] += 1
-    return _forward_one(params, cache, tokens, config, dtype, cache_layout)
+    return _forward_one(params, cache, tokens, config, dtype)
 
 
 def decode_step(
     params: Params, cache: Cache, tokens: Array, *, config: GPTJConfig, dtype: Any = jnp.float32,
-    cache_layout: str = "BSNH",
 ) -> tuple[Array, Cache]:
     """Feed one token per row (``tokens [B]`` int) and return its logits ``[B, V]`` float32 and the cache.
 
-    The cache (in ``cache_layout``, as ``prefill`` made it) is donated: its buffers are updated in place
-    and the argument must not be used afterwards. A full cache (``cache["index"]`` equal to its ``S``
-    slots) raises :class:`GenerationError` before anything runs; the check reads ``cache["index"]`` on
-    the host, so each call waits for the previous step (``generate`` does not use this function).
+    The cache (as ``prefill`` made it) is donated: its buffers are updated in place and the argument must
+    not be used afterwards. A full cache (a row whose ``cache["index"]`` equals the ``S`` slots) raises
+    :class:`GenerationError` before anything runs; the check reads ``cache["index"]`` on the host, so
+    each call waits for the previous step (``generate`` does not use this function).
     """
     slots = cache["mask"].shape[1]  # [B, S]
-    index = int(jax.device_get(cache["index"]))
-    if index >= slots:
+    index = np.asarray(jax.device_get(cache["index"])).reshape(-1)  # [B]
+    if (index >= slots).any():
+        row = int(np.argmax(index))
         raise GenerationError(
-            f"decode_step: the cache is full (cache['index'] = {index}, {slots} slots); "
+            f"decode_step: the cache is full (cache['index'] = {int(index[row])}, {slots} slots) in row {row}; "
             f"prefill with a larger cache_len"
         )
-    return _decode_step(params, cache, tokens, config=config, dtype=dtype, cache_layout=cache_layout)
+    return _decode_step(params, cache, tokens, config=config, dtype=dtype)
 
 
 decode_step.lower = _decode_step.lower  # ahead-of-time lowering, as on any jitted function (no cache check)
@@ -184,10 +190,14 @@ def _repeat_rows(tree: Any, repeats: int) -> Any:
 def _record(state: dict, logits: Array, knobs: dict, ctl: dict, spec: SamplingSpec) -> dict:
     """Sample the token of step ``state["step"]`` for every row from ``logits [R, V]`` and write it."""
     s = state["step"]
+    inputs = {}
+    if "history" in state:  # [R, S]: the tokens by cache slot (-1: pad); the prompt fills the first P slots
+        prompt_len = state["history"].shape[1] - state["tokens"].shape[1]
+        inputs = dict(history=state["history"], history_end=prompt_len + s, bad_words=ctl.get("bad_words"))
     tok, lp = sample(
         logits, state["keys"], s, spec, knobs,
         seen=state.get("seen"), eos_ids=ctl["eos_ids"], min_new_tokens=ctl["min_new"],
-        suppress_from=ctl["suppress_from"],
+        suppress_from=ctl["suppress_from"], **inputs,
     )  # [R], [R]
     done = state["done"]
     is_eos = jnp.any(tok[:, None] == ctl["eos_ids"][None, :], axis=-1)
@@ -205,6 +215,8 @@ def _record(state: dict, logits: Array, knobs: dict, ctl: dict, spec: SamplingSp
         new["logprobs"] = lax.dynamic_update_slice(state["logprobs"], lp[:, None], (0, s))  # [R, N]
     if spec.repetition_penalty:
         new["seen"] = state["seen"].at[jnp.arange(tok.shape[0]), tok].set(True)
+    if "history" in state:
+        new["history"] = lax.dynamic_update_slice(state["history"], tok[:, None], (0, prompt_len + s))
     return new
 
 
@@ -223,7 +235,9 @@ def _start(
     logits, cache = _prefill(params, ids, mask, config, cache_len, dtype)  # [B, V]
     logits, cache = _repeat_rows((logits, cache), repeats)
     if mesh is not None:
-        cache = lax.with_sharding_constraint(cache, _cache_shardings(mesh, cache))
+        from .sharding import cache_shardings
+
+        cache = lax.with_sharding_constraint(cache, cache_shardings(config, mesh, cache))
     R = logits.shape[0]
     state = {
         "cache": cache,
@@ -241,23 +255,10 @@ def _start(
         seen = jnp.zeros((ids.shape[0], V + 1), bool)
         seen = seen.at[jnp.arange(ids.shape[0])[:, None], jnp.where(mask > 0, ids, V)].set(True)[:, :V]
         state["seen"] = _repeat_rows(seen, repeats)  # [R, V]
+    if spec.no_repeat_ngram or spec.bad_words:
+        prompt = _repeat_rows(jnp.where(mask > 0, ids, -1).astype(jnp.int32), repeats)  # [R, P]
+        state["history"] = jnp.concatenate([prompt, jnp.full((R, new_len), -1, jnp.int32)], axis=1)  # [R, S]
     return _record(state, logits, knobs, ctl, spec)
-
-
-def _cache_shardings(mesh: Any, cache: Cache) -> Any:
-    """Shardings of a ``BNSH`` cache: rows over the batch axes, heads over ``mp`` (``sharding``'s rules)."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from .sharding import logical_sharding
-
-    kv = logical_sharding(mesh, ("batch", "heads", "cache_length", "head_dim"))
-    return {
-        "layers": [{name: kv for name in layer} for layer in cache["layers"]],
-        "mask": logical_sharding(mesh, ("batch", "cache_length")),
-        "index": NamedSharding(mesh, P()),
-        "lengths": logical_sharding(mesh, ("batch",)),
-    }
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "spec"), donate_argnames=("state",))
@@ -360,46 +361,42 @@ def _as_batch(input_ids: Any, attention_mask: Any, vocab_size: int) -> tuple[np.
     return ids.astype(np.int64), mask
 
 
-def _eos_list(eos_token_id: Any, config: GPTJConfig) -> tuple[int, ...]:
+def _eos_list(gc: GenerationConfig, config: GPTJConfig) -> tuple[int, ...]:
     """The EOS ids, any number of them. Explicit ids must lie in the vocabulary; the config's default may
     not (a small model saved by Transformers keeps GPT-2's 50256): such an id can never be produced."""
-    if eos_token_id is None:
+    if gc.eos_ids is None:
         return tuple(int(e) for e in config.eos_token_ids)
-    ids = (eos_token_id,) if isinstance(eos_token_id, (int, np.integer)) else tuple(eos_token_id)
-    for e in ids:
-        if not isinstance(e, (int, np.integer)) or isinstance(e, bool) or not 0 <= e < config.vocab_size:
-            raise GenerationError(f"eos_token_id {e!r} is not a token id in [0, {config.vocab_size})")
-    return tuple(int(e) for e in ids)
+    for e in gc.eos_ids:
+        if not e < config.vocab_size:
+            raise GenerationError(f"eos_token_id {e!r} is not a token id in [0, {config.vocab_size})", "eos_token_id")
+    return gc.eos_ids
 
 
-def _check_pad(pad_token_id: Optional[int], config: GPTJConfig, eos: tuple[int, ...]) -> int:
+def _check_pad(gc: GenerationConfig, config: GPTJConfig, eos: tuple[int, ...]) -> int:
     """The pad id written after a row ends. An explicit ``pad_token_id`` must lie in the vocabulary; the
     default (``config.pad_token_id``, else the first EOS id, else 0) may not, like the config's EOS ids.
     The model itself is never fed the pad id (``SAFE_ID`` instead), so it only shows in the output."""
-    if pad_token_id is None:
-        default = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
-        return _check_int("pad_token_id", default, 0)
-    pad = _check_int("pad_token_id", pad_token_id, 0)
-    if pad >= config.vocab_size:
+    if gc.pad_token_id is None:
+        return int(config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0))
+    if gc.pad_token_id >= config.vocab_size:
         raise GenerationError(
-            f"pad_token_id {pad} is outside the vocabulary [0, {config.vocab_size}) (config.vocab_size = "
-            f"{config.vocab_size})"
+            f"pad_token_id {gc.pad_token_id} is outside the vocabulary [0, {config.vocab_size}) (config.vocab_size = "
+            f"{config.vocab_size})", "pad_token_id",
         )
-    return pad
+    return gc.pad_token_id
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-        raise GenerationError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def _check_seed(name: str, value: Any) -> int:
-    """A seed: any integer in ``[0, 2**64)`` (both 32-bit words go into the key, see ``sampling.seed_key``)."""
-    value = _check_int(name, value, 0)
-    if value >= SEED_LIMIT:
-        raise GenerationError(f"{name} must be an integer in [0, 2**64), got {value}")
-    return value
+def resolve_config(
+    generation_config: Optional[GenerationConfig] = None, return_logprobs: Optional[bool] = None, **overrides: Any
+) -> GenerationConfig:
+    """``generation_config`` (default: ``GenerationConfig()``) with keyword ``overrides`` on top, validated
+    (an unknown keyword is a :class:`GenerationError` naming it); ``return_logprobs`` is ``logprobs``."""
+    gc = GenerationConfig() if generation_config is None else generation_config
+    if not isinstance(gc, GenerationConfig):
+        raise GenerationError(f"generation_config must be a GenerationConfig, got {type(gc).__name__}")
+    if return_logprobs is not None:
+        overrides["logprobs"] = return_logprobs
+    return gc.replace(**overrides)
 
 
 # ---------------------------------------------------------------------------------------- generate
@@ -408,27 +405,15 @@ def generate(
     params: Params,
     input_ids: Any,
     attention_mask: Any = None,
+    generation_config: Optional[GenerationConfig] = None,
     *,
-    max_new_tokens: int,
-    min_new_tokens: int = 0,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    eos_token_id: Union[None, int, Sequence[int]] = None,
-    pad_token_id: Optional[int] = None,
-    stop_strings: Union[None, str, Sequence[str]] = None,
-    num_return_sequences: int = 1,
-    seed: Union[int, Sequence[int]] = 0,
-    return_logprobs: bool = False,
+    return_logprobs: Optional[bool] = None,
     mesh: Any = None,
     streamer: Optional[Callable[[StreamChunk], Any]] = None,
     tokenizer: Any = None,
     dtype: Any = None,
     stream_interval: int = 8,
-    suppress_extra_tokens: Optional[bool] = None,
+    **overrides: Any,
 ) -> GenerateOutput:
     """Generate continuations of a batch of prompts (Transformers' ``generate`` semantics).
 
@@ -436,10 +421,17 @@ def generate(
       config, params: the model (``params`` as from ``from_pretrained`` or ``init_params``; any dtype).
       input_ids: ``[B, P]`` ints (or one prompt ``[P]``, or a ragged list of lists, left-padded here).
       attention_mask: ``[B, P]`` 0/1; pads on either side (rows are re-padded on the left).
-      max_new_tokens: tokens to generate per row (>= 1); ``P_real + max_new_tokens <= n_positions``.
+      generation_config: the knobs (:class:`~gptj_jax.generation_config.GenerationConfig`; default
+        ``GenerationConfig()``). ``**overrides``, any of its fields as keywords (``max_new_tokens=20,
+        do_sample=True, seed=3, ...``), apply on top; an unknown keyword is an error naming it. Fields:
+      max_new_tokens: tokens to generate per row (>= 1, required); ``P_real + max_new_tokens <= n_positions``.
       min_new_tokens: EOS is banned until a row has this many new tokens.
       do_sample: False = greedy; True samples with temperature / top_k / top_p / min_p (Transformers' order).
       repetition_penalty: > 0; 1 is off. Applies to the real prompt tokens and the generated ones.
+      no_repeat_ngram_size: > 0 bans any token that would repeat an n-gram of the row (prompt included).
+      bad_words_ids: token sequences never generated (``[[id], [id, id], ...]``); one-token entries equal to
+        an EOS id are dropped, as in Transformers. Ids must be in ``[0, vocab_size)``.
+      num_beams: must be 1 (beam search is not run by this function).
       eos_token_id: one id or several (any number); None = ``config.eos_token_id``; ``[]`` = no EOS. Explicit
         ids must be in ``[0, vocab_size)``; a config EOS outside it (GPT-2's 50256 in a small model) is
         never produced.
@@ -456,27 +448,24 @@ def generate(
         prompt: row ``b * R + r`` draws from ``fold_in(key(seed[b]), r)`` (a prompt's result then does not
         depend on the batch it is in). ``key(s)`` is ``[s >> 32, s & 0xFFFFFFFF]``, which is
         ``jax.random.PRNGKey(s)`` for ``s < 2**32``. Either way, bucketing does not change results.
-      return_logprobs: also return each chosen token's log-probability under the processed distribution:
-        the log-softmax after the logits processors (for greedy: repetition penalty, min_new_tokens and
-        suppression, so with suppression on it is renormalised over the 50257 text ids).
+      logprobs / return_logprobs: also return each chosen token's log-probability under the processed
+        distribution: the log-softmax after the logits processors (for greedy: repetition penalty, n-gram
+        rule, bad words, min_new_tokens and suppression, so with suppression on it is renormalised over
+        the 50257 text ids).
+      suppress_extra_tokens: ban ids >= 50257 (GPT-J's padding vocabulary, no text). None = on when
+        ``config.vocab_size == 50400`` and the tokenizer is GPT-J's (or not given).
       mesh: a ``jax.sharding.Mesh`` (``dp``, ``fsdp``, ``mp``): params and cache are sharded with
         ``gptj_jax.sharding``'s rules and the batch over ``dp x fsdp``.
       streamer: called with a :class:`StreamChunk` every ``stream_interval`` steps (and at the end).
       tokenizer: needed for ``stop_strings``; GPT-J's tokenizer also turns on ``suppress_extra_tokens``.
       dtype: compute dtype (default: the dtype of the params' embedding); the cache uses it too.
-      suppress_extra_tokens: ban ids >= 50257 (GPT-J's padding vocabulary, no text). None = on when
-        ``config.vocab_size == 50400`` and the tokenizer is GPT-J's (or not given).
 
     Returns a :class:`GenerateOutput` whose ``sequences`` are ``[B * R, P + max_new_tokens]``.
     """
     stream = iter_generate(
-        config, params, input_ids, attention_mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        stop_strings=stop_strings, num_return_sequences=num_return_sequences, seed=seed,
-        return_logprobs=return_logprobs, mesh=mesh, tokenizer=tokenizer, dtype=dtype,
-        stream_interval=stream_interval if streamer is not None else None,
-        suppress_extra_tokens=suppress_extra_tokens,
+        config, params, input_ids, attention_mask, generation_config, return_logprobs=return_logprobs, mesh=mesh,
+        tokenizer=tokenizer, dtype=dtype, stream_interval=stream_interval if streamer is not None else None,
+        **overrides,
     )
     output = None
     for chunk in stream:
@@ -491,26 +480,14 @@ def iter_generate(
     params: Params,
     input_ids: Any,
     attention_mask: Any = None,
+    generation_config: Optional[GenerationConfig] = None,
     *,
-    max_new_tokens: int,
-    min_new_tokens: int = 0,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    eos_token_id: Union[None, int, Sequence[int]] = None,
-    pad_token_id: Optional[int] = None,
-    stop_strings: Union[None, str, Sequence[str]] = None,
-    num_return_sequences: int = 1,
-    seed: Union[int, Sequence[int]] = 0,
-    return_logprobs: bool = False,
+    return_logprobs: Optional[bool] = None,
     mesh: Any = None,
     tokenizer: Any = None,
     dtype: Any = None,
     stream_interval: Optional[int] = 8,
-    suppress_extra_tokens: Optional[bool] = None,
+    **overrides: Any,
 ) -> Iterator[StreamChunk]:
     """:func:`generate` as an iterator of :class:`StreamChunk` (every ``stream_interval`` decode steps;
     ``None`` = one chunk at the end). The last chunk's ``output`` is the :class:`GenerateOutput`.
@@ -519,52 +496,45 @@ def iter_generate(
     # ---- validate everything before touching the device
     if not isinstance(config, GPTJConfig):
         raise GenerationError(f"config must be a GPTJConfig, got {type(config).__name__}")
-    max_new = _check_int("max_new_tokens", max_new_tokens, 1)
-    min_new = _check_int("min_new_tokens", min_new_tokens, 0)
-    if min_new > max_new:
-        raise GenerationError(f"min_new_tokens ({min_new}) must be <= max_new_tokens ({max_new})")
-    repeats = _check_int("num_return_sequences", num_return_sequences, 1)
-    if repeats > 1 and not do_sample:
+    gc = resolve_config(generation_config, return_logprobs, **overrides)
+    if gc.max_new_tokens is None:
         raise GenerationError(
-            "greedy decoding (do_sample=False) does not support num_return_sequences different than 1 "
-            f"(got {repeats}): every row would be the same; pass do_sample=True"
+            "max_new_tokens is not set: pass max_new_tokens=... (or a GenerationConfig with it)", "max_new_tokens"
         )
-    if isinstance(seed, (list, tuple, np.ndarray)):
-        seed = [_check_seed(f"seed[{i}]", s) for i, s in enumerate(seed)]
-    else:
-        seed = _check_seed("seed", seed)
-    if stream_interval is not None:
-        stream_interval = _check_int("stream_interval", stream_interval, 1)
-    sampling = SamplingParams(
-        do_sample=bool(do_sample), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty,
-    )
+    if gc.num_beams > 1:
+        raise GenerationError(
+            f"num_beams {gc.num_beams}: beam search is not run by generate; pass num_beams=1", "num_beams"
+        )
+    if stream_interval is not None and (
+        not isinstance(stream_interval, (int, np.integer)) or isinstance(stream_interval, bool) or stream_interval < 1
+    ):
+        raise GenerationError(f"stream_interval must be an integer >= 1, got {stream_interval!r}", "stream_interval")
+    stream_interval = None if stream_interval is None else int(stream_interval)
     ids, mask = _as_batch(input_ids, attention_mask, config.vocab_size)
-    B, P_in = ids.shape
-    if isinstance(seed, list) and len(seed) != B:
-        raise GenerationError(f"seed has {len(seed)} values but there are {B} prompts (pass one int or one per prompt)")
+    B = ids.shape[0]
+    if isinstance(gc.seed, tuple) and len(gc.seed) != B:
+        raise GenerationError(
+            f"seed has {len(gc.seed)} values but there are {B} prompts (pass one int or one per prompt)", "seed"
+        )
     lengths = mask.sum(axis=1)  # [B] real tokens per row
     longest = int(lengths.max())
-    if longest + max_new > config.n_positions:
+    if longest + gc.max_new_tokens > config.n_positions:
         row = int(lengths.argmax())
         raise GenerationError(
-            f"prompt too long: row {row} has {longest} tokens + max_new_tokens {max_new} = {longest + max_new} "
-            f"> the model's n_positions {config.n_positions}"
+            f"prompt too long: row {row} has {longest} tokens + max_new_tokens {gc.max_new_tokens} = "
+            f"{longest + gc.max_new_tokens} > the model's n_positions {config.n_positions}"
         )
-    eos = _eos_list(eos_token_id, config)
-    pad_id = _check_pad(pad_token_id, config, eos)
-    if isinstance(stop_strings, str):
-        stop_strings = [stop_strings]
-    stop_strings = list(stop_strings or [])
-    if any(not isinstance(s, str) or not s for s in stop_strings):
-        raise GenerationError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
-    if stop_strings and tokenizer is None:
-        raise GenerationError("stop_strings need a tokenizer (pass tokenizer=...) to decode the generated text")
-    if suppress_extra_tokens is None:
-        suppress_extra_tokens = config.vocab_size == VOCAB_SIZE and (
-            tokenizer is None or is_gptj_tokenizer(tokenizer)
+    eos = _eos_list(gc, config)
+    pad_id = _check_pad(gc, config, eos)
+    bad_words = bad_words_table(gc.bad_words_ids, eos, config.vocab_size)
+    if gc.stop_strings and tokenizer is None:
+        raise GenerationError(
+            "stop_strings need a tokenizer (pass tokenizer=...) to decode the generated text", "stop_strings"
         )
-    suppress = bool(suppress_extra_tokens) and config.vocab_size > NUM_REAL_TOKENS
+    suppress = gc.suppress_extra_tokens
+    if suppress is None:
+        suppress = config.vocab_size == VOCAB_SIZE and (tokenizer is None or is_gptj_tokenizer(tokenizer))
+    suppress = suppress and config.vocab_size > NUM_REAL_TOKENS
     try:
         embedding = params["transformer"]["wte"]["embedding"]
     except (KeyError, TypeError):
@@ -581,16 +551,30 @@ def iter_generate(
 
         sharding.validate_config(config, mesh, "causal_lm")
         row_multiple = sharding.axis_size(mesh, sharding.logical_to_mesh(("batch",))[0])
-    return _iterate(
-        config, params, ids, mask, lengths, P_in, max_new, min_new, sampling, repeats, seed, eos, pad_id,
-        stop_strings, tokenizer, suppress, dtype, mesh, row_multiple, stream_interval, return_logprobs,
-    )
+    job = _Job(gc, ids, mask, eos, pad_id, bad_words, suppress, tokenizer)
+    return _iterate(config, params, job, dtype, mesh, row_multiple, stream_interval)
 
 
-def _iterate(config, params, ids, mask, lengths, P_in, max_new, min_new, sampling, repeats, seed, eos, pad_id,
-             stop_strings, tokenizer, suppress, dtype, mesh, row_multiple, stream_interval, return_logprobs):
-    B = ids.shape[0]
-    longest = int(lengths.max())
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """A validated generate call: its knobs and the host-side inputs derived from them."""
+
+    gc: GenerationConfig
+    ids: np.ndarray  # [B, P_in] as given (or left-padded from a ragged list)
+    mask: np.ndarray  # [B, P_in] 0/1
+    eos: tuple[int, ...]  # resolved EOS ids
+    pad_id: int
+    bad_words: Optional[np.ndarray]  # [W, M] (sampling.bad_words_table) or None
+    suppress: bool
+    tokenizer: Any
+
+
+def _iterate(config: GPTJConfig, params: Params, job: _Job, dtype: Any, mesh: Any, row_multiple: int,
+             stream_interval: Optional[int]) -> Iterator[StreamChunk]:
+    gc, ids, mask = job.gc, job.ids, job.mask
+    B, P_in = ids.shape
+    max_new, repeats = gc.max_new_tokens, gc.num_return_sequences
+    longest = int(mask.sum(axis=1).max())
     # ---- bucket: left-pad rows into [B_b, P_b]; rows >= B only fill the bucket and start done
     P_b = bucket(longest, 8)
     B_b = bucket(B)
@@ -605,21 +589,26 @@ def _iterate(config, params, ids, mask, lengths, P_in, max_new, min_new, samplin
         mask_b[b, P_b - len(real):] = 1
     rows = B_b * repeats
     live = np.arange(rows) < B * repeats
-    if isinstance(seed, list):
-        keys = prompt_keys(seed, repeats, rows)  # row b*R + r: fold_in(key(seed[b]), r)
+    if isinstance(gc.seed, tuple):
+        keys = prompt_keys(gc.seed, repeats, rows)  # row b*R + r: fold_in(key(seed[b]), r)
     else:
-        keys = row_keys(seed, rows)  # row i: fold_in(key(seed), i)
-    spec = sampling.spec(min_new_tokens=min_new > 0 and bool(eos), suppress=suppress, logprobs=return_logprobs)
+        keys = row_keys(gc.seed, rows)  # row i: fold_in(key(seed), i)
+    sampling = SamplingParams.from_config(gc)
+    spec = sampling.spec(min_new_tokens=gc.min_new_tokens > 0 and bool(job.eos), suppress=job.suppress,
+                         logprobs=gc.logprobs, bad_words=job.bad_words is not None)
     knobs = sampling.knobs()
+    eos = job.eos
     eos_arr = np.full((max(EOS_SLOTS, 1 << (len(eos) - 1).bit_length() if eos else 0),), -1, np.int32)
     eos_arr[: len(eos)] = eos  # [E]: 8 slots, or the next power of two above 8 ids
     ctl = {
         "max_new": jnp.asarray(max_new, jnp.int32),
-        "min_new": jnp.asarray(min_new, jnp.int32),
+        "min_new": jnp.asarray(gc.min_new_tokens, jnp.int32),
         "eos_ids": jnp.asarray(eos_arr),
-        "pad_id": jnp.asarray(pad_id, jnp.int32),
+        "pad_id": jnp.asarray(job.pad_id, jnp.int32),
         "suppress_from": jnp.asarray(NUM_REAL_TOKENS, jnp.int32),
     }
+    if job.bad_words is not None:
+        ctl["bad_words"] = jnp.asarray(job.bad_words)  # [W, M]
     ids_d, mask_d, live_d = jnp.asarray(ids_b), jnp.asarray(mask_b), jnp.asarray(live)
     if mesh is not None:
         from . import sharding
@@ -633,6 +622,7 @@ def _iterate(config, params, ids, mask, lengths, P_in, max_new, min_new, samplin
         params, ids_d, mask_d, keys, live_d, knobs, ctl, config=config, dtype=dtype, cache_len=P_b + N_b,
         new_len=N_b, repeats=repeats, spec=spec, mesh=mesh,
     )
+    stop_strings, tokenizer = list(gc.stop_strings), job.tokenizer
     chunk = stream_interval
     if chunk is None and stop_strings:
         chunk = 8  # stop strings are checked on the host between chunks
@@ -660,17 +650,17 @@ def _iterate(config, params, ids, mask, lengths, P_in, max_new, min_new, samplin
                     hit[r] = True
                 state["done"] = state["done"] | jnp.asarray(hit)
         done = done | (stop_cut >= 0)
-        tokens, n_new_eff = _apply_cuts(tokens, n_new, stop_cut, pad_id)
+        tokens, n_new_eff = _apply_cuts(tokens, n_new, stop_cut, job.pad_id)
         finished = step >= max_new or bool(done.all())
         output = None
         if finished:
             logprobs = None
-            if return_logprobs:
+            if gc.logprobs:
                 logprobs = np.array(jax.device_get(state["logprobs"]))[:out_rows, :max_new]
                 cols = np.arange(max_new)[None, :]
                 logprobs = np.where(cols < n_new_eff[:out_rows, None], logprobs, 0.0).astype(np.float32)
             output = _assemble(ids, mask, P_in, tokens[:out_rows, :max_new], n_new_eff[:out_rows],
-                               stop_cut[:out_rows], eos, pad_id, repeats, logprobs)
+                               stop_cut[:out_rows], eos, job.pad_id, repeats, logprobs)
         yield StreamChunk(
             tokens[:out_rows, emitted:step], emitted, n_new_eff[:out_rows].copy(), done[:out_rows].copy(), output
         )

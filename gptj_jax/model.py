@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from .cache import Cache, check_cache_layout
+from .cache import Cache, check_cache, write_kv, write_mask
 from .config import GPTJConfig
 from .losses import causal_lm_loss, token_cross_entropy
 
@@ -137,39 +137,31 @@ def attend(
     v: Array,
     allowed: Array,
     *,
-    heads_first: bool = False,
     dropout: Optional[Callable[[Array], Array]] = None,
 ) -> tuple[Array, Array]:
     """Scaled dot-product attention, softmax in float32. Returns ``(out [B, T, N, H] in v's dtype,
     probs [B, N, T, S] float32)``.
 
-    q ``[B, T, N, H]``; k, v ``[B, S, N, H]``, or ``[B, N, S, H]`` with ``heads_first`` (the heads-first
-    cache layout); allowed ``[B, T, S]`` bool (False scores get :data:`MASK_VALUE`). ``dropout`` is
-    applied to the probabilities that weight v (the returned probs are before it). ``N`` may be a
-    device's share of the heads (``tp.py``).
+    q ``[B, T, N, H]``; k, v ``[B, N, S, H]`` (heads first, the cache layout of ``cache.py``); allowed
+    ``[B, T, S]`` bool (False scores get :data:`MASK_VALUE`). ``dropout`` is applied to the probabilities
+    that weight v (the returned probs are before it). ``N`` may be a device's share of the heads (``tp.py``).
     """
     H = q.shape[-1]
-    if heads_first:
-        # k first: its minor axis (H) is the contracted one, so it feeds the dot as stored.
-        scores = jnp.einsum("BNSH,BTNH->BNTS", k, q, preferred_element_type=jnp.float32)
-    else:
-        scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
+    # k first: its minor axis (H) is the contracted one, so it feeds the dot as stored.
+    scores = jnp.einsum("BNSH,BTNH->BNTS", k, q, preferred_element_type=jnp.float32)
     scores = scores * jnp.float32(H**-0.5)
     scores = jnp.where(allowed[:, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)  # [B, N, T, S] float32
     weights = probs if dropout is None else dropout(probs)
-    pv = "BNTS,BNSH->BTNH" if heads_first else "BNTS,BSNH->BTNH"
-    return jnp.einsum(pv, weights.astype(v.dtype), v), probs
+    return jnp.einsum("BNTS,BNSH->BTNH", weights.astype(v.dtype), v), probs
 
 
 class GPTJAttention(nn.Module):
-    """Causal self-attention. ``cache_layout`` is the layout of the K/V cache (see ``cache.py``):
-    ``"BSNH"`` (``[B, S, N, H]``) or ``"BNSH"`` (``[B, N, S, H]``, heads first, what ``generate`` uses)."""
+    """Causal self-attention; K/V go through ``cache.py``'s layout (``[B, N, S, H]``) with or without a cache."""
 
     config: GPTJConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    cache_layout: str = "BSNH"
 
     @nn.compact
     def __call__(
@@ -178,8 +170,8 @@ class GPTJAttention(nn.Module):
         sin: Array,  # [B, T, R/2]
         cos: Array,
         allowed: Array,  # [B, T, S] bool
-        layer_cache: Optional[dict[str, Array]],  # {"k","v": [B, S, N, H] or [B, N, S, H]} (cache_layout)
-        cache_index: Optional[Array],  # [] int32: slot of the first new token
+        layer_cache: Optional[dict[str, Array]],  # {"k","v": [B, N, S, H]}
+        cache_index: Optional[Array],  # [B] int32: slot of each row's first new token
         deterministic: bool,
     ) -> tuple[Array, Optional[dict[str, Array]], Array]:
         cfg = self.config
@@ -198,24 +190,15 @@ class GPTJAttention(nn.Module):
         q = apply_rotary(q.astype(jnp.float32), sin, cos).astype(self.dtype)
         k = apply_rotary(k.astype(jnp.float32), sin, cos).astype(self.dtype)
 
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, N, T, H]: the cache layout
         new_cache = None
-        heads_first = layer_cache is not None and self.cache_layout == "BNSH"
-        if heads_first:
-            # [B, N, S, H]: the attention dots have their batch axes (B, N) leading, so XLA does not
-            # transpose the whole cache every step (it must with [B, S, N, H]).
-            kt = jnp.swapaxes(k, 1, 2).astype(layer_cache["k"].dtype)  # [B, N, T, H]
-            vt = jnp.swapaxes(v, 1, 2).astype(layer_cache["v"].dtype)
-            k = lax.dynamic_update_slice(layer_cache["k"], kt, (0, 0, cache_index, 0))  # [B, N, S, H]
-            v = lax.dynamic_update_slice(layer_cache["v"], vt, (0, 0, cache_index, 0))
+        if layer_cache is not None:
+            k = write_kv(layer_cache["k"], k, cache_index)  # [B, N, S, H]
+            v = write_kv(layer_cache["v"], v, cache_index)
             new_cache = {"k": k, "v": v}
             k, v = k.astype(self.dtype), v.astype(self.dtype)
-        elif layer_cache is not None:
-            k = lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
-            v = lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
-            new_cache = {"k": k, "v": v}  # [B, S, N, H]
-            k, v = k.astype(self.dtype), v.astype(self.dtype)
         dropout = functools.partial(nn.Dropout(cfg.attn_pdrop), deterministic=deterministic)
-        out, probs = attend(q, k, v, allowed, heads_first=heads_first, dropout=dropout)
+        out, probs = attend(q, k, v, allowed, dropout=dropout)
         out = out.reshape(B, T, N * H)
         out = nn.Dense(
             cfg.n_embd, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -259,14 +242,11 @@ class GPTJBlock(nn.Module):
     config: GPTJConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    cache_layout: str = "BSNH"
 
     @nn.compact
     def __call__(self, x, sin, cos, allowed, layer_cache, cache_index, deterministic: bool = True):
         h = layer_norm(self.config, self.param_dtype, "ln_1")(x.astype(jnp.float32)).astype(self.dtype)
-        attn_out, new_cache, probs = GPTJAttention(
-            self.config, self.dtype, self.param_dtype, self.cache_layout, name="attn"
-        )(
+        attn_out, new_cache, probs = GPTJAttention(self.config, self.dtype, self.param_dtype, name="attn")(
             h, sin, cos, allowed, layer_cache, cache_index, deterministic
         )
         ff = GPTJMLP(self.config, self.dtype, self.param_dtype, name="mlp")(h, deterministic)
@@ -278,15 +258,14 @@ class GPTJModel(nn.Module):
     """The GPT-J trunk: embedding, ``n_layer`` blocks, final LayerNorm.
 
     ``remat_policy`` (``none``, ``full``, ``dots``, ``dots_no_batch``) rematerialises each block in the
-    backward pass; it changes memory and speed, not results. ``cache_layout`` (``BSNH`` or ``BNSH``) is
-    the K/V layout of the ``cache`` passed in (``cache.init_cache(..., layout=)``).
+    backward pass; it changes memory and speed, not results. ``cache`` (``cache.init_cache``) gets the new
+    tokens of row ``b`` at its slots ``cache["index"][b]`` onwards and is returned updated.
     """
 
     config: GPTJConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
-    cache_layout: str = "BSNH"
 
     @nn.compact
     def __call__(
@@ -322,14 +301,14 @@ class GPTJModel(nn.Module):
         if cache is None:
             key_mask = attention_mask.astype(bool)  # [B, S=T]
             cache_index, offsets = None, jnp.zeros((B,), jnp.int32)
-            q_slots, k_slots = jnp.arange(T), jnp.arange(T)
+            q_slots, k_slots = jnp.arange(T)[None, :], jnp.arange(T)  # [1, T], [S]
         else:
-            check_cache_layout(cfg, cache, self.cache_layout)
-            cache_index = cache["index"]
-            key_mask = lax.dynamic_update_slice(cache["mask"], attention_mask.astype(bool), (0, cache_index))
+            check_cache(cfg, cache)
+            cache_index = cache["index"]  # [B]
+            key_mask = write_mask(cache["mask"], attention_mask.astype(bool), cache_index)  # [B, S]
             offsets = cache["lengths"]
-            q_slots, k_slots = cache_index + jnp.arange(T), jnp.arange(key_mask.shape[1])
-        allowed = key_mask[:, None, :] & (k_slots[None, None, :] <= q_slots[None, :, None])  # [B, T, S]
+            q_slots, k_slots = cache_index[:, None] + jnp.arange(T), jnp.arange(key_mask.shape[1])  # [B, T], [S]
+        allowed = key_mask[:, None, :] & (k_slots[None, None, :] <= q_slots[:, :, None])  # [B, T, S]
         if position_ids is None:
             position_ids = jnp.maximum(offsets[:, None] + jnp.cumsum(attention_mask, axis=1) - 1, 0)  # [B, T]
         sin, cos = rotary_sin_cos(position_ids, cfg.rotary_dims)
@@ -345,7 +324,7 @@ class GPTJModel(nn.Module):
             if output_hidden_states:
                 hidden_states.append(x)
             layer_cache = cache["layers"][i] if cache is not None else None
-            x, layer_new, probs = block_cls(cfg, self.dtype, self.param_dtype, self.cache_layout, name=f"h_{i}")(
+            x, layer_new, probs = block_cls(cfg, self.dtype, self.param_dtype, name=f"h_{i}")(
                 x, sin, cos, allowed, layer_cache, cache_index, deterministic
             )
             new_layers.append(layer_new)
@@ -381,13 +360,12 @@ def _dense_f32(features: int, use_bias: bool, cfg: GPTJConfig, param_dtype: Dtyp
 
 class GPTJForCausalLM(nn.Module):
     """GPT-J with its (untied, biased) LM head. ``logits_to_keep=k > 0`` computes logits for the last k
-    positions only (prefill needs just the last one). ``cache_layout``: see ``GPTJModel``."""
+    positions only (prefill needs just the last one). ``cache``: see ``GPTJModel``."""
 
     config: GPTJConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
-    cache_layout: str = "BSNH"
 
     @nn.compact
     def __call__(
@@ -404,9 +382,7 @@ class GPTJForCausalLM(nn.Module):
         output_attentions: bool = False,
         logits_to_keep: int = 0,
     ) -> CausalLMOutput:
-        out = GPTJModel(
-            self.config, self.dtype, self.param_dtype, self.remat_policy, self.cache_layout, name="transformer"
-        )(
+        out = GPTJModel(self.config, self.dtype, self.param_dtype, self.remat_policy, name="transformer")(
             input_ids, attention_mask, position_ids, token_type_ids, inputs_embeds, cache,
             deterministic, output_hidden_states, output_attentions,
         )

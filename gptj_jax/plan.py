@@ -9,7 +9,9 @@ followed by FLOPs per step and a fits / does-not-fit table for common accelerato
 Steps:
 
 * inference: ``prefill`` (the prompt ``[batch, seq]`` through the model, filling a ``seq``-slot KV
-  cache, last-position logits) and ``decode`` (one token per row against the full cache).
+  cache, last-position logits) and ``decode`` (one token per row against the full cache), both the
+  model call ``generate`` compiles (``generation.forward_cached``) with the cache of ``cache.init_cache``
+  sharded by ``sharding.cache_shardings``.
 * ``--train``: the fine-tuning step of ``gptj_jax.train.step`` (forward, backward, mtj's Adam chain,
   donated state) on a ``[grad_accum, batch, seq + 1]`` token batch.
 
@@ -162,18 +164,16 @@ def inference_steps(config: Any, mesh: Any, batch: int, seq: int, dtype: Any, pa
 
     from gptj_jax import sharding as sh
     from gptj_jax.cache import init_cache
-    from gptj_jax.model import model_for
+    from gptj_jax.generation import forward_cached
 
-    module = model_for(config, "causal_lm", dtype=dtype)
     params = sh.abstract_params(config, mesh, "causal_lm", param_dtype)
     cache_shape = jax.eval_shape(lambda: init_cache(config, batch, seq, dtype))
     cache_sh = sh.cache_shardings(config, mesh, cache_shape)
     cache = jax.tree.map(lambda s, shd: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shd), cache_shape, cache_sh)
-    logits_sh = sh.logical_sharding(mesh, ("batch", None, "vocab"))
+    logits_sh = sh.logical_sharding(mesh, ("batch", "vocab"))
 
-    def step(params, ids, mask, cache):
-        out = module.apply({"params": params}, ids, attention_mask=mask, cache=cache, logits_to_keep=1)
-        return out.logits, out.cache
+    def step(params, ids, mask, cache):  # generation's own model call: the program generate runs
+        return forward_cached(params, ids, mask, cache, config=config, dtype=dtype)
 
     jitted = jax.jit(step, out_shardings=(logits_sh, cache_sh), donate_argnums=(3,))
     prompt = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sh.batch_sharding(mesh, batch))

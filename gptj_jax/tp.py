@@ -139,6 +139,7 @@ def _block(
     q, k, v = heads("q_proj"), heads("k_proj"), heads("v_proj")
     q = apply_rotary(q.astype(jnp.float32), sin, cos).astype(dtype)
     k = apply_rotary(k.astype(jnp.float32), sin, cos).astype(dtype)
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [b, N/mp, T, H]: attend's (the cache's) layout
     ctx = attend(q, k, v, allowed)[0].reshape(b, T, -1)  # [b, T, D/mp]
     attn = _dense(ctx, a["out_proj"]["kernel"], None, dtype)  # [b, T, D] partial over mp
 

@@ -154,7 +154,7 @@ def main() -> int:
         ids_t = torch.tensor(ids, dtype=torch.long)
 
         def ours_prefill():
-            logits, _ = prefill(params, ids_j, mask_j, config=config, cache_len=PREFILL + NEW, cache_layout="BNSH")
+            logits, _ = prefill(params, ids_j, mask_j, config=config, cache_len=PREFILL + NEW)
             logits.block_until_ready()
 
         def hf_prefill(keep: int):

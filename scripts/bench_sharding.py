@@ -50,7 +50,6 @@ def child(n: int, config: dict, batch: int, seq: int, cache_len: int, reps: int)
 
     from gptj_jax import sharding as sh
     from gptj_jax import tp
-    from gptj_jax.cache import init_cache
     from gptj_jax.config import GPTJConfig
     from gptj_jax.generation import decode_step, prefill
     from gptj_jax.model import init_params
@@ -86,8 +85,8 @@ def child(n: int, config: dict, batch: int, seq: int, cache_len: int, reps: int)
         row = dict(devices=n, mesh=sh.describe_mesh(mesh), impl=impl, forward_s=seconds,
                    forward_tok_s=batch * seq / seconds, forward_collectives=counts(fwd, p, x))
         if label == "mp" and impl == "jit":
-            # decode: prefill a cache_len cache with the prompt, then time single decode steps
-            cache = init_cache(cfg, batch, cache_len)
+            # decode: prefill a cache_len cache with the prompt (cache.py's layout, the one generate uses),
+            # place it with sharding.cache_shardings, then time single decode steps
             prompt = ids[:, : cache_len // 2]
             pr, mk = sh.shard_batch(mesh, prompt, np.ones_like(prompt))
             _, cache = prefill(p, pr, mk, config=cfg, cache_len=cache_len)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import TINY, hf_model, left_padded_batch, params_of
 
-from gptj_jax import GPTJConfig, GPTJForCausalLM
+from gptj_jax import GenerationConfig, GPTJConfig, GPTJForCausalLM
 from gptj_jax import generation as generate_mod
 from gptj_jax.cli import main as cli_main
 from gptj_jax.generation import (
@@ -129,6 +129,80 @@ def test_greedy_matches_transformers(seed, n_eos, min_new):
         np.testing.assert_allclose(out.logprobs[live, t], theirs[live], atol=1e-4)
 
 
+# ============================================================================ n-gram rule and bad words
+NEVER = TINY.vocab_size - 1  # the pad id: pushed down in the LM head, so no model ever emits it
+
+
+@pytest.fixture(scope="module")
+def no_pad_model():
+    hf = hf_model(TINY, seed=5, scale=10.0)
+    with torch.no_grad():
+        hf.lm_head.bias[NEVER] -= 1e4
+    return hf, params_of(hf)
+
+
+@pytest.mark.parametrize("case", ["ngram1", "ngram2", "ngram3", "bad_words", "all", "bad_eos"])
+def test_no_repeat_ngram_and_bad_words_match_transformers(no_pad_model, case):
+    """Greedy with no_repeat_ngram_size / bad_words_ids (single and multi-token words, one of them the EOS id)
+    on a left-padded batch: tokens and log-probs equal transformers' generate. The pad id never occurs as
+    a token, so Transformers' matching of pads (it treats them as tokens) changes nothing."""
+    hf, params = no_pad_model
+    rng = np.random.RandomState(6)
+    lengths = [9, 5, 1, 7, 12]
+    P = max(lengths)
+    ids = np.full((len(lengths), P), NEVER, np.int64)
+    mask = np.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        ids[b, P - n:] = rng.randint(0, NEVER, n)
+        mask[b, P - n:] = 1
+    plain = generate(TINY, params, ids, mask, max_new_tokens=NEW, pad_token_id=NEVER)
+    new = plain.new_tokens
+    counts = np.bincount(new.ravel(), minlength=TINY.vocab_size)
+    frequent = int(np.argmax(counts))  # the token the model repeats most
+    bigram = [int(new[0, 10]), int(new[0, 11])]  # occurs in row 0: its second token is banned after the first
+    triple = [int(t) for t in new[1, 4:7]]
+    bad = [[frequent], bigram, triple, [int(new[2, 3]), int(new[2, 4]), int(new[2, 5]), int(new[2, 6])]]
+    kw = {
+        "ngram1": dict(no_repeat_ngram_size=1),
+        "ngram2": dict(no_repeat_ngram_size=2),
+        "ngram3": dict(no_repeat_ngram_size=3),
+        "bad_words": dict(bad_words_ids=bad),
+        "all": dict(no_repeat_ngram_size=2, bad_words_ids=bad, repetition_penalty=1.3),
+        # the frequent token is EOS as well: its one-token bad word is dropped (both libraries), rows end on it
+        "bad_eos": dict(bad_words_ids=bad, eos_token_id=[frequent]),
+    }[case]
+    ref, _, scores = _hf_generate(hf, ids, mask, pad_token_id=NEVER, **kw)
+    gc = GenerationConfig(max_new_tokens=NEW, pad_token_id=NEVER, logprobs=True)
+    out = generate(TINY, params, ids, mask, generation_config=gc, **kw)
+    steps = ref.shape[1] - P
+    np.testing.assert_array_equal(out.sequences[:, : P + steps], ref)
+    assert not np.array_equal(out.new_tokens, new)  # the processors changed the greedy result
+    if case == "bad_eos":
+        assert "eos" in out.finish_reasons
+    for t, step_scores in enumerate(scores):
+        live = out.num_new_tokens > t
+        theirs = torch.log_softmax(torch.tensor(step_scores), -1).numpy()[np.arange(len(live)), ref[:, P + t]]
+        np.testing.assert_allclose(out.logprobs[live, t], theirs[live], atol=1e-4)
+
+
+def test_no_repeat_ngram_and_bad_words_do_not_retrace(no_pad_model):
+    """Other bad words (same table bucket) and other prompts in the same bucket reuse the compiled programs;
+    the n-gram rule and the bad words also hold while sampling."""
+    _, params = no_pad_model
+    kw = dict(max_new_tokens=16, do_sample=True, top_k=20, seed=2, eos_token_id=[], no_repeat_ngram_size=2)
+    prompts = [[1, 2, 3], [4, 5]]
+    out = generate(TINY, params, prompts, bad_words_ids=[[7], [8, 9]], **kw)
+    before = dict(TRACE_COUNTS)
+    again = generate(TINY, params, [[3, 2, 1], [5, 4]], bad_words_ids=[[11, 12], [13]], **kw)
+    assert dict(TRACE_COUNTS) == before
+    for b, row in enumerate(prompts):
+        toks = row + out.new_tokens[b].tolist()
+        pairs = list(zip(toks, toks[1:]))
+        assert len(pairs) == len(set(pairs)), toks  # no bigram twice (prompt included)
+        assert 9 not in [t for s, t in pairs if s == 8]
+    assert 7 not in out.new_tokens and 13 not in again.new_tokens
+
+
 # ============================================================================ cache correctness
 def test_decode_logits_equal_full_forward_at_every_step(tiny):
     """prefill + decode_step logits equal a cache-free forward over the sequence so far (<= 1e-4), and so
@@ -144,43 +218,42 @@ def test_decode_logits_equal_full_forward_at_every_step(tiny):
     full = GPTJForCausalLM(TINY).apply({"params": params}, jnp.asarray(seq), attention_mask=jnp.asarray(seq_mask))
     ref = np.asarray(full.logits[:, P - 1: P - 1 + steps])  # [B, steps, V]: logits that chose new token t
 
-    for layout in ("BSNH", "BNSH"):
-        logits, cache = prefill(params, jnp.asarray(ids), jnp.asarray(mask), config=TINY, cache_len=P + steps,
-                                cache_layout=layout)
+    for layout in ("BNSH",):  # the one cache layout (cache.py)
+        logits, cache = prefill(params, jnp.asarray(ids), jnp.asarray(mask), config=TINY, cache_len=P + steps)
         worst = 0.0
         for t in range(steps):
             worst = max(worst, float(np.abs(np.asarray(logits) - ref[:, t]).max()))
             if t + 1 < steps:
-                logits, cache = decode_step(params, cache, jnp.asarray(seq[:, P + t], jnp.int32), config=TINY,
-                                            cache_layout=layout)
+                logits, cache = decode_step(params, cache, jnp.asarray(seq[:, P + t], jnp.int32), config=TINY)
         assert worst <= 1e-4, (layout, worst)
     np.testing.assert_array_equal(out.new_tokens, ref.argmax(-1))
     want = np.take_along_axis(np.asarray(jax.nn.log_softmax(ref)), out.new_tokens[..., None], -1)[..., 0]
     np.testing.assert_allclose(out.logprobs, want, atol=1e-4)
 
 
-def test_cache_layouts_agree(tiny):
-    """Cached decoding gives the same logits with K/V [B, S, N, H] and [B, N, S, H]; a cache in the
-    wrong layout for the model is an error."""
+def test_cache_layout_equals_full_forward(tiny):
+    """Cached decoding with the one cache layout (K/V [B, N, S, H], per-row index) gives the logits of a
+    cache-free forward over the same tokens; a cache of another shape (the old [B, S, N, H]) is an error."""
     from gptj_jax.cache import init_cache
 
     _, params = tiny
     ids, mask, _ = left_padded_batch(TINY.vocab_size, [6, 3], seed=8)
     B, P = ids.shape
-    outs = {}
-    for layout in ("BSNH", "BNSH"):
-        model = GPTJForCausalLM(TINY, cache_layout=layout)
-        cache = init_cache(TINY, B, P + 3, layout=layout)
-        out = model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask), cache=cache)
-        step = model.apply({"params": params}, jnp.asarray(ids[:, -1:]), cache=out.cache)
-        outs[layout] = (np.asarray(out.logits), np.asarray(step.logits))
-        assert step.cache["layers"][0]["k"].shape == ((B, P + 3, 4, 8) if layout == "BSNH" else (B, 4, P + 3, 8))
-    for a, b in zip(outs["BSNH"], outs["BNSH"]):
-        np.testing.assert_allclose(a, b, atol=1e-5)
-    with pytest.raises(ValueError, match="not the BNSH layout"):
-        GPTJForCausalLM(TINY, cache_layout="BNSH").apply(
-            {"params": params}, jnp.asarray(ids), cache=init_cache(TINY, B, P + 3, layout="BSNH")
-        )
+    model = GPTJForCausalLM(TINY)
+    cache = init_cache(TINY, B, P + 3)
+    out = model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask), cache=cache)
+    step = model.apply({"params": params}, jnp.asarray(ids[:, -1:]), cache=out.cache)
+    assert step.cache["layers"][0]["k"].shape == (B, 4, P + 3, 8)
+    # the same tokens without a cache: the prompt and its last token once more
+    seq, seq_mask = np.concatenate([ids, ids[:, -1:]], 1), np.concatenate([mask, np.ones((B, 1), mask.dtype)], 1)
+    full = np.asarray(model.apply({"params": params}, jnp.asarray(seq), attention_mask=jnp.asarray(seq_mask)).logits)
+    real = mask.astype(bool)  # pad positions attend to nothing: their outputs are not defined
+    np.testing.assert_allclose(np.asarray(out.logits)[real], full[:, :P][real], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(step.logits), full[:, P:], atol=1e-5)
+    old = init_cache(TINY, B, P + 3)
+    old["layers"] = [{k: jnp.swapaxes(v, 1, 2) for k, v in layer.items()} for layer in old["layers"]]
+    with pytest.raises(ValueError, match=r"not the cache layout \[B, N, S, H\]"):
+        model.apply({"params": params}, jnp.asarray(ids), cache=old)
 
 
 # ============================================================================ compile counting
@@ -574,7 +647,7 @@ def test_decode_step_on_a_full_cache_is_an_error(tiny):
     ids, mask, _ = left_padded_batch(TINY.vocab_size, [4, 2], seed=3)
     logits, cache = prefill(params, jnp.asarray(ids), jnp.asarray(mask), config=TINY, cache_len=5)
     logits, cache = decode_step(params, cache, jnp.argmax(logits, -1).astype(jnp.int32), config=TINY)  # slot 4
-    assert int(cache["index"]) == 5
+    assert np.asarray(cache["index"]).tolist() == [5, 5]  # per-row index (was one shared int: 5)
     with pytest.raises(GenerationError, match=r"cache is full \(cache\['index'\] = 5, 5 slots\)"):
         decode_step(params, cache, jnp.zeros((2,), jnp.int32), config=TINY)
 

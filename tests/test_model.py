@@ -272,8 +272,44 @@ def test_cached_decoding_equals_full_forward(causal_pair):
             ref = hf(torch.tensor(full_ids), attention_mask=torch.tensor(full_mask),
                      position_ids=torch.tensor(np.maximum(np.cumsum(full_mask, 1) - 1, 0))).logits.numpy()
         assert _max_err(out.logits[:, 0], ref[:, -1]) <= 1e-4
-    assert int(cache["index"]) == ids.shape[1] + steps
+    assert np.asarray(cache["index"]).tolist() == [ids.shape[1] + steps] * len(lengths)  # per-row index
     np.testing.assert_array_equal(np.asarray(cache["lengths"]), np.array(lengths) + steps)
+
+
+def test_cache_rows_insert_and_take_rows(causal_pair):
+    """Prompts prefilled alone (each into a cache of its own length) and inserted into rows of one bigger
+    cache (``cache.insert``; one row refilled after a longer prompt left its K/V there) decode in one model
+    call, each row at its own slot (per-row index), with the logits of transformers on that prompt alone;
+    ``cache.take_rows`` (beam reordering) moves the rows' caches with them."""
+    from gptj_jax.cache import insert, take_rows
+
+    cfg, hf, params = causal_pair
+    model = GPTJForCausalLM(cfg)
+    apply = jax.jit(lambda p, x, c: model.apply({"params": p}, x, cache=c))
+    rng = np.random.RandomState(12)
+    prompts = [rng.randint(0, cfg.vocab_size, n) for n in (5, 2, 7)]
+    cache = init_cache(cfg, 4, 16)
+    for p, slot in [(prompts[2], 0), (prompts[0], 3), (prompts[1], 0), (prompts[2], 1)]:  # row 0: 7 tokens, then 2
+        prefix = model.apply({"params": params}, jnp.asarray(p[None]), cache=init_cache(cfg, 1, len(p))).cache
+        cache = jax.jit(insert)(cache, prefix, jnp.int32(slot))
+    rows = {0: prompts[1], 1: prompts[2], 3: prompts[0]}  # row 2 stays empty
+    assert np.asarray(cache["index"]).tolist() == [2, 7, 0, 5]
+    assert np.asarray(cache["lengths"]).tolist() == [2, 7, 0, 5]
+    seqs = {r: list(p) for r, p in rows.items()}
+    for _ in range(3):
+        tok = rng.randint(0, cfg.vocab_size, (4,))
+        out = apply(params, jnp.asarray(tok[:, None]), cache)
+        cache = out.cache
+        for r in rows:
+            seqs[r].append(int(tok[r]))
+            with torch.no_grad():
+                ref = hf(torch.tensor([seqs[r]])).logits.numpy()[0, -1]
+            assert _max_err(out.logits[r, 0], ref) <= 1e-4, r
+    order = jnp.asarray([3, 3, 1, 0])
+    tok = rng.randint(0, cfg.vocab_size, (4,))
+    want = apply(params, jnp.asarray(tok[:, None]), cache).logits  # every row, as it is
+    got = apply(params, jnp.asarray(tok[np.asarray(order)][:, None]), take_rows(cache, order)).logits
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want)[np.asarray(order)], atol=1e-6)
 
 
 def test_logits_to_keep_gives_last_positions():

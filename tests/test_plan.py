@@ -56,9 +56,9 @@ def test_inference_plan_matches_analytic_counts(config_file):
     assert plan["mesh"] == {"dp": 1, "fsdp": 2, "mp": 4} and plan["devices"] == 8
     a = plan["analytic"]
     assert a["params"] == _expected_param_bytes_per_device(4)
-    # k and v: [B / (dp*fsdp), S, n_head / mp, head_dim] per layer; mask [B/2, S] bool, lengths [B/2], index []
+    # k and v: [B / (dp*fsdp), n_head / mp, S, head_dim] per layer; mask [B/2, S] bool, lengths [B/2], index [B/2]
     kv = 2 * CONFIG["n_layer"] * (B // 2) * S * (CONFIG["n_head"] // 4) * 8 * 4
-    assert a["kv_cache"] == kv + (B // 2) * S + (B // 2) * 4 + 4
+    assert a["kv_cache"] == kv + (B // 2) * S + (B // 2) * 4 + (B // 2) * 4  # index: per row now (was [] = 4)
     prefill, decode = plan["steps"]
     assert (prefill["name"], decode["name"]) == ("prefill", "decode")
     # The compiled arguments are params + cache + this device's slice of the batch and the cache

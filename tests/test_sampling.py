@@ -1,5 +1,6 @@
-"""Sampling: each processor equals Transformers' LogitsProcessor, top_k=1 is greedy, the empirical
-distribution of draws matches the processed softmax (chi-square), top-p stays in the nucleus, bad values.
+"""Sampling: each processor equals Transformers' LogitsProcessor (no_repeat_ngram_size and bad_words_ids
+included), top_k=1 is greedy, the empirical distribution of draws matches the processed softmax
+(chi-square), top-p stays in the nucleus, per-row knobs equal each row alone, bad values.
 """
 
 import jax
@@ -11,6 +12,8 @@ from scipy import stats
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -20,11 +23,14 @@ from transformers.generation.logits_process import (
 from gptj_jax.sampling import (
     SamplingError,
     SamplingParams,
+    apply_bad_words,
     apply_min_p,
+    apply_no_repeat_ngram,
     apply_repetition_penalty,
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    bad_words_table,
     process_logits,
     prompt_keys,
     row_keys,
@@ -241,3 +247,169 @@ def test_seed_keys_keep_32_bit_seeds_and_use_the_high_word():
     for bad in (2**64, -1):
         with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
             row_keys(bad, 1)
+
+
+# ============================================================================ n-gram rule, bad words
+def _history(seed: int, rows: int, length: int, alphabet: int) -> np.ndarray:
+    """Token rows drawn from a small alphabet, so that n-grams repeat."""
+    return np.random.RandomState(seed).randint(0, alphabet, (rows, length)).astype(np.int64)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_no_repeat_ngram_matches_transformers(n):
+    logits = _logits(20 + n)
+    ids = _history(30 + n, B, 25, 6)
+    if n > 1:
+        ids[:, 5:5 + n - 1] = ids[:, 1 - n:]  # the row's last n - 1 tokens occurred before: a ban in every row
+    theirs = NoRepeatNGramLogitsProcessor(n)(torch.tensor(ids), torch.tensor(logits))
+    assert np.isneginf(theirs.numpy()).any(axis=1).all()  # something is banned in every row
+    ours = apply_no_repeat_ngram(jnp.asarray(logits), jnp.asarray(ids, jnp.int32), jnp.int32(ids.shape[1]),
+                                 jnp.int32(n), n)
+    _same(ours, theirs)
+    # through the chain, with a per-row size [R] (the largest is compiled in): row r uses sizes[r]
+    sizes = np.array([n, 0, 1, n, 2, 3][:B], np.int32)
+    spec = SamplingParams(no_repeat_ngram_size=n).spec()._replace(no_repeat_ngram=max(n, 3))
+    knobs = dict(SamplingParams().knobs(), no_repeat_ngram_size=jnp.asarray(sizes))
+    ours = process_logits(jnp.asarray(logits), spec, knobs, history=jnp.asarray(ids, jnp.int32),
+                          history_end=jnp.full((B,), ids.shape[1], jnp.int32))
+    for r, size in enumerate(sizes):
+        want = torch.tensor(logits[r:r + 1])
+        if size:
+            want = NoRepeatNGramLogitsProcessor(int(size))(torch.tensor(ids[r:r + 1]), want)
+        _same(ours[r:r + 1], want)
+
+
+def test_no_repeat_ngram_ignores_pads_and_unwritten_slots():
+    """A row of the history with -1 (left pads, slots not written yet) and its own end equals the row's real
+    tokens alone through Transformers (pads never take part in an n-gram)."""
+    logits = _logits(40)
+    L = 30
+    history = np.full((B, L), -1, np.int64)
+    real, ends = [], []
+    for r in range(B):
+        n_pad, n_tok = r * 2, 12 + r
+        toks = _history(50 + r, 1, n_tok, 5)[0]
+        history[r, n_pad:n_pad + n_tok] = toks
+        real.append(toks)
+        ends.append(n_pad + n_tok)
+    for n in (2, 3):
+        ours = apply_no_repeat_ngram(jnp.asarray(logits), jnp.asarray(history, jnp.int32),
+                                     jnp.asarray(ends, jnp.int32), jnp.int32(n), n)
+        for r in range(B):
+            theirs = NoRepeatNGramLogitsProcessor(n)(torch.tensor(real[r][None]), torch.tensor(logits[r:r + 1]))
+            _same(ours[r:r + 1], theirs)
+
+
+BAD_WORDS = [[7], [3, 4], [1, 2, 3], [4, 4, 4, 2], [9], [5, 0]]
+
+
+@pytest.mark.parametrize("eos", [None, [9], [7, 9]])
+def test_bad_words_match_transformers(eos):
+    """Single-token words always banned, longer ones when the row ends with their prefix; one-token words
+    equal to an EOS id are dropped (Transformers' rule)."""
+    logits = _logits(60)
+    ids = _history(61, B, 12, 6)
+    ids[0, -2:] = [1, 2]  # rows ending with prefixes of the multi-token words
+    ids[1, -1] = 3
+    ids[2, -3:] = [4, 4, 4]
+    ids[3, -1] = 5
+    theirs = NoBadWordsLogitsProcessor(BAD_WORDS, eos)(torch.tensor(ids), torch.tensor(logits))
+    table = bad_words_table(BAD_WORDS, eos or [], V)
+    kept = [w for w in BAD_WORDS if not (len(w) == 1 and w[0] in (eos or []))]
+    assert table.shape == (8 if len(kept) > 4 else 4, 4)  # words and length rounded up to powers of two
+    assert (table[:, -1] >= 0).sum() == len(kept)
+    ours = apply_bad_words(jnp.asarray(logits), jnp.asarray(ids, jnp.int32), jnp.int32(ids.shape[1]),
+                           jnp.asarray(table))
+    _same(ours, theirs)
+    assert np.isneginf(np.asarray(ours)[[0, 1, 2, 3], [3, 4, 2, 0]]).all()  # each multi-token word bit once
+    # per-row tables [R, W, M]: row r bans only its own words
+    tables = np.stack([bad_words_table(BAD_WORDS[r % 3::3] or [[8]], eos or [], V, min_words=2, min_length=4)
+                       for r in range(B)])
+    ours = apply_bad_words(jnp.asarray(logits), jnp.asarray(ids, jnp.int32), jnp.int32(ids.shape[1]),
+                           jnp.asarray(tables))
+    for r in range(B):
+        theirs = NoBadWordsLogitsProcessor(BAD_WORDS[r % 3::3], eos)(torch.tensor(ids[r:r + 1]),
+                                                                     torch.tensor(logits[r:r + 1]))
+        _same(ours[r:r + 1], theirs)
+
+
+def test_bad_words_table_errors_and_eos_only():
+    from gptj_jax.generation_config import GenerationError
+
+    assert bad_words_table([[9]], [9], V) is None  # every word is an EOS id: nothing to ban
+    assert bad_words_table(None, [], V) is None
+    with pytest.raises(GenerationError, match=r"bad_words_ids\[1\]\[1\] = 300 is outside the vocabulary \[0, 300\)"):
+        bad_words_table([[1], [2, 300]], [], V)
+
+
+def test_processor_chain_with_ngram_and_bad_words_matches_transformers_order():
+    """Repetition penalty, n-gram rule, bad words, then temperature / top-k / top-p, as Transformers chains them."""
+    logits = _logits(70)
+    ids = _history(71, B, 20, 6)
+    seen = np.zeros((B, V), bool)
+    seen[np.arange(B)[:, None], ids] = True
+    chain = LogitsProcessorList([
+        RepetitionPenaltyLogitsProcessor(1.3), NoRepeatNGramLogitsProcessor(2),
+        NoBadWordsLogitsProcessor(BAD_WORDS, None), TemperatureLogitsWarper(0.7), TopKLogitsWarper(20),
+        TopPLogitsWarper(0.8),
+    ])
+    theirs = chain(torch.tensor(ids), torch.tensor(logits))
+    params = SamplingParams(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.3,
+                            no_repeat_ngram_size=2)
+    ours = process_logits(jnp.asarray(logits), params.spec(bad_words=True), params.knobs(), seen=jnp.asarray(seen),
+                          history=jnp.asarray(ids, jnp.int32), history_end=jnp.int32(20),
+                          bad_words=jnp.asarray(bad_words_table(BAD_WORDS, [], V)))
+    _same(ours, theirs)
+
+
+# ============================================================================ per-row knobs
+ROWS = [
+    SamplingParams(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, min_p=0.05, repetition_penalty=1.2),
+    SamplingParams(),  # greedy
+    SamplingParams(do_sample=True, top_p=0.5),  # top-p without top-k: the full-vocabulary sort
+    SamplingParams(do_sample=True, temperature=1.5, top_k=3, no_repeat_ngram_size=2),
+    SamplingParams(repetition_penalty=0.8, no_repeat_ngram_size=3),  # greedy with processors
+    SamplingParams(do_sample=True, min_p=0.2),
+]
+
+
+def test_per_row_knobs_equal_each_row_alone():
+    """Rows with different settings in one call (knobs [R], the merged spec) give each row what it gets alone:
+    the same processed logits (hence log-probs) and the same token for the same key."""
+    from gptj_jax.sampling import merge_specs, stack_knobs
+
+    logits = jnp.asarray(_logits(80, scale=1.0))
+    ids = _history(81, B, 16, 8)
+    seen = np.zeros((B, V), bool)
+    seen[np.arange(B)[:, None], ids] = True
+    inputs = dict(seen=jnp.asarray(seen), history=jnp.asarray(ids, jnp.int32), history_end=jnp.int32(16))
+    keys = row_keys(9, B)
+    spec = merge_specs([p.spec() for p in ROWS])
+    assert spec.do_sample and not spec.top_p_in_top_k and spec.no_repeat_ngram == 3
+    fn = jax.jit(lambda l, k, s: sample(l, k, s, spec, stack_knobs(ROWS), **inputs))
+    together = jax.jit(lambda l: process_logits(l, spec, stack_knobs(ROWS), **inputs))(logits)
+    for step in (0, 3):
+        tokens, logprobs = fn(logits, keys, jnp.full((B,), step, jnp.int32))
+        for r, p in enumerate(ROWS):
+            one = {k: v[r:r + 1] for k, v in inputs.items() if k != "history_end"}
+            alone, lp = sample(logits[r:r + 1], keys[r:r + 1], jnp.int32(step), p.spec(), p.knobs(),
+                               history_end=jnp.int32(16), **one)
+            assert int(tokens[r]) == int(alone[0]), (r, step)
+            np.testing.assert_allclose(logprobs[r], lp[0], rtol=1e-6, atol=1e-6)
+            mine = process_logits(logits[r:r + 1], p.spec(), p.knobs(), history_end=jnp.int32(16), **one)
+            np.testing.assert_array_equal(np.isneginf(together[r]), np.isneginf(mine[0]))
+            np.testing.assert_allclose(np.where(np.isfinite(mine[0]), together[r], 0),
+                                       np.where(np.isfinite(mine[0]), mine[0], 0), rtol=1e-6, atol=1e-6)
+
+
+def test_sampling_params_validated_by_generation_config():
+    """SamplingParams has no rules of its own: the same bad value gives GenerationConfig's error."""
+    from gptj_jax import GenerationConfig
+
+    for kw in (dict(top_p=0.0), dict(no_repeat_ngram_size=-1)):
+        with pytest.raises(ValueError) as a:
+            SamplingParams(**kw)
+        with pytest.raises(ValueError) as b:
+            GenerationConfig(**kw)
+        assert str(a.value) == str(b.value) and type(a.value) is type(b.value)
+    assert SamplingParams.from_config(GenerationConfig(do_sample=True, top_k=np.int64(5))).top_k == 5
