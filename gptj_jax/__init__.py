@@ -7,10 +7,16 @@ Public API (see README.md):
   GPTJForQuestionAnswering           linen modules
   init_params, logical_axes          random params / logical axis names of a config
   init_cache                         an empty KV cache (plain pytree)
-  from_pretrained, save_pretrained   HF directories (safetensors / .bin, sharded) <-> (config, params)
-  load_tokenizer                     GPT-J's tokenizer
+  load                               any checkpoint (hub id, HF, HF Flax, ours, run dir, mtj) -> (config,
+                                     params), placed straight onto a device mesh
+  from_pretrained, save_pretrained   load on one device (the older name) / params -> an HF directory
+  load_tokenizer                     the checkpoint's tokenizer, else GPT-J's
   generate                           generation (the function; its module is ``gptj_jax.generation``)
-  convert, sharding, generation      submodules, imported on first access
+  GenerationConfig                   every generation knob, validated; from_pretrained(dir) reads
+                                     generation_config.json
+  score, score_rolling, ScoreResult  log-likelihoods of continuations / whole texts (``gptj_jax.scoring``)
+  convert, sharding, generation,
+  scoring                            submodules, imported on first access
 
 No public name is also the name of a submodule, so ``gptj_jax.generate`` is the function whatever was
 imported before (importing a submodule sets an attribute of that name on the package).
@@ -36,13 +42,18 @@ _LAZY = {
     "logical_axes": ("gptj_jax.model", "logical_axes"),
     "model_for": ("gptj_jax.model", "model_for"),
     "init_cache": ("gptj_jax.cache", "init_cache"),
+    "load": ("gptj_jax.convert.load", "load"),
     "from_pretrained": ("gptj_jax.convert", "from_pretrained"),
     "save_pretrained": ("gptj_jax.convert", "save_pretrained"),
     "generate": ("gptj_jax.generation", "generate"),
+    "GenerationConfig": ("gptj_jax.generation_config", "GenerationConfig"),
+    "score": ("gptj_jax.scoring", "score"),
+    "score_rolling": ("gptj_jax.scoring", "score_rolling"),
+    "ScoreResult": ("gptj_jax.scoring", "ScoreResult"),
     "load_tokenizer": ("gptj_jax.tokenizer", "load_tokenizer"),
 }
 # Submodules named in the README's API, imported on first attribute access.
-_LAZY_MODULES = ("convert", "sharding", "generation")
+_LAZY_MODULES = ("convert", "sharding", "generation", "scoring")
 
 
 def __getattr__(name: str) -> Any:

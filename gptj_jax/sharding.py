@@ -32,6 +32,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .cache import cache_axes, init_cache
 from .config import GPTJConfig
 from .model import HEADS, head_of, logical_axes, model_for
 
@@ -58,9 +59,7 @@ DEFAULT_RULES: Rules = (
 # Logical axes of the non-parameter arrays.
 BATCH_AXES = ("batch", "length")  # input_ids, attention_mask, position_ids, labels [B, T]
 LOGITS_AXES = ("batch", "length", "vocab")  # logits [B, T, V]
-KV_AXES = ("batch", "cache_length", "heads", "head_dim")  # cache k / v [B, S, N, H]
-CACHE_MASK_AXES = ("batch", "cache_length")  # cache mask [B, S]
-ROW_AXES = ("batch",)  # cache lengths [B]
+# The KV cache's logical axes are cache.CACHE_AXES (its one layout); cache_shardings maps them.
 
 # Which config size each logical parameter axis splits, for error messages naming the numbers.
 def _split_sizes(config: GPTJConfig, head: str) -> tuple[tuple[str, str, int], ...]:
@@ -402,28 +401,23 @@ def shard_batch(mesh: Mesh, *arrays: Any, rules: Rules = DEFAULT_RULES) -> tuple
 
 
 def cache_shardings(config: GPTJConfig, mesh: Mesh, cache: Any, rules: Rules = DEFAULT_RULES) -> Any:
-    """Shardings like ``cache`` (``cache.init_cache`` layout, arrays or ``ShapeDtypeStruct``).
+    """Shardings like ``cache`` (``cache.init_cache``'s layout; arrays, tracers or ``ShapeDtypeStruct``).
 
-    k / v ``[B, S, N, H]``: rows over the batch axes, heads over ``mp``; mask ``[B, S]`` and
-    lengths ``[B]`` by rows; the slot index replicated.
+    The one cache sharding (generation, ``plan`` and the benchmarks use it): the logical axes of
+    ``cache.CACHE_AXES`` through ``rules``, so with the defaults k / v ``[B, N, S, H]`` have rows over the
+    batch axes and heads over ``mp``, and mask ``[B, S]``, index ``[B]`` and lengths ``[B]`` are split by rows.
     """
     validate_config(config, mesh, "base", rules)
     check_batch(mesh, int(np.shape(cache["mask"])[0]), rules)
-    kv = logical_sharding(mesh, KV_AXES, rules)
-    return {
-        "layers": [{name: kv for name in layer} for layer in cache["layers"]],
-        "mask": logical_sharding(mesh, CACHE_MASK_AXES, rules),
-        "index": NamedSharding(mesh, P()),
-        "lengths": logical_sharding(mesh, ROW_AXES, rules),
-    }
+    return jax.tree.map(
+        lambda names: logical_sharding(mesh, names, rules), cache_axes(cache), is_leaf=lambda x: isinstance(x, tuple)
+    )
 
 
 def init_sharded_cache(
     config: GPTJConfig, mesh: Mesh, batch_size: int, max_len: int, dtype: Any = jnp.float32, rules: Rules = DEFAULT_RULES
 ) -> Any:
     """An empty cache created directly in its shards (never whole on one device)."""
-    from .cache import init_cache
-
     make = functools.partial(init_cache, config, batch_size, max_len, dtype)
     shardings = cache_shardings(config, mesh, jax.eval_shape(make), rules)
     return jax.jit(make, out_shardings=shardings)()

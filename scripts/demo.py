@@ -65,13 +65,13 @@ def main(overrides: list[str]) -> int:
     import torch
     import transformers
 
-    from gptj_jax.convert import flax as flax_ckpt
+    import gptj_jax
     from gptj_jax.generation import generate
     from gptj_jax.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     ids = tok(PROMPT)["input_ids"]
-    config, params = flax_ckpt.restore(cfg.model_dir)
+    config, params = gptj_jax.load(cfg.model_dir)  # the run directory: its newest step
     ours = generate(config, params, np.array([ids]), max_new_tokens=NEW_TOKENS, eos_token_id=[]).sequences
     ours = np.asarray(ours)[0, -NEW_TOKENS:].tolist()
     hf = transformers.GPTJForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()

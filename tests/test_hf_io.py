@@ -452,14 +452,14 @@ def test_save_untied_params_with_tied_config_writes_both(tied, tmp_path):
 
 
 def test_tied_checkpoint_loads_sharded(tied):
-    """The sharded loader (convert.sharded_load.load_hf_sharded) ties lm_head to wte too."""
+    """The sharded load (gptj_jax.load onto a mesh) ties lm_head to wte too."""
     import jax
 
+    from gptj_jax import load
     from gptj_jax import sharding as sh
-    from gptj_jax.convert.sharded_load import load_hf_sharded
 
     model, path = tied
     mesh = sh.make_mesh(1, 1, jax.device_count())
-    config, params = load_hf_sharded(path, mesh)
+    config, params = load(path, mesh=mesh)
     assert np.array_equal(np.asarray(params["lm_head"]["kernel"]), model.transformer.wte.weight.detach().numpy().T)
     np.testing.assert_allclose(_causal_logits(config, jax.device_get(params)), _torch_logits(model).numpy(), atol=1e-4, rtol=0)

@@ -3,8 +3,8 @@
 Each process initializes ``jax.distributed`` through ``gptj_jax.distributed``, builds meshes over
 all 8 devices, feeds only its own batch rows (``process_rows`` + ``global_batch``), and runs:
 the jit and shard_map forwards and losses on params made by ``init_sharded_params``; the same
-forward on params loaded with ``load_hf_sharded`` (each process reading only its devices' slices)
-and with ``load_flax_sharded`` (orbax restore into shardings). Process 0 gathers the results; the
+forward on params loaded with ``gptj_jax.load(mesh=...)`` from an HF directory (each process reading only
+its devices' slices) and from an orbax checkpoint (orbax restore into shardings). Process 0 gathers the results; the
 test compares them with a single-process, single-device forward of the same params.
 
 Run as a script (``python tests/test_multihost.py worker PID PORT WORKDIR``) it is the worker.
@@ -43,10 +43,9 @@ def worker(pid: int, port: int, workdir: str) -> None:
     from gptj_jax import distributed
 
     distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    from gptj_jax import load, tp
     from gptj_jax import sharding as sh
-    from gptj_jax import tp
     from gptj_jax.config import GPTJConfig
-    from gptj_jax.convert.sharded_load import load_flax_sharded, load_hf_sharded
 
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
     cfg = GPTJConfig(**CONFIG)
@@ -63,10 +62,10 @@ def worker(pid: int, port: int, workdir: str) -> None:
             out[f"{name}/{impl}/logits"] = sh.unshard(logits)
             out[f"{name}/{impl}/loss"] = sh.unshard(tp.loss(params, g_ids, g_labels, g_mask, config=cfg, mesh=mesh, impl=impl))
         stats: dict = {}
-        _, loaded = load_hf_sharded(os.path.join(workdir, "hf"), mesh, stats=stats)
+        _, loaded = load(os.path.join(workdir, "hf"), mesh=mesh, stats=stats)
         out[f"{name}/hf/logits"] = sh.unshard(tp.forward(loaded, g_ids, g_mask, config=cfg, mesh=mesh))
         out[f"{name}/hf/bytes_read/{pid}"] = np.asarray(stats["bytes_read"])
-        _, restored = load_flax_sharded(os.path.join(workdir, "flax"), mesh)
+        _, restored = load(os.path.join(workdir, "flax"), mesh=mesh)
         out[f"{name}/flax/logits"] = sh.unshard(tp.forward(restored, g_ids, g_mask, config=cfg, mesh=mesh))
         out[f"{name}/rows/{pid}"] = np.asarray([lo, hi])
 
@@ -102,7 +101,7 @@ def worker(pid: int, port: int, workdir: str) -> None:
         checkpointer.save(os.path.join(ckpt, "params"), state["params"])
         checkpointer.wait_until_finished()
     other = sh.make_mesh(2, 2, 2)
-    _, restored = load_flax_sharded(ckpt, other)
+    _, restored = load(ckpt, mesh=other)
     out["train/restored_equal"] = np.asarray(all(
         np.array_equal(a, b) for a, b in zip(jax.tree.leaves(sh.unshard(restored)), jax.tree.leaves(sh.unshard(state["params"])))
     ))

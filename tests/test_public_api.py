@@ -30,14 +30,20 @@ KINDS = {
     "logical_axes": "function",
     "model_for": "function",
     "init_cache": "function",
+    "load": "function",
     "from_pretrained": "function",
     "save_pretrained": "function",
     "load_tokenizer": "function",
     "generate": "function",
+    "GenerationConfig": "class",
+    "score": "function",
+    "score_rolling": "function",
+    "ScoreResult": "class",
     "convert": "module",
     "convert.convert": "function",
     "sharding": "module",
     "generation": "module",
+    "scoring": "module",
 }
 
 

@@ -173,7 +173,8 @@ def test_greedy_generation_equal_and_cache_sharded(mesh_results, shape):
     dp, fsdp, mp = shape
     assert r["cache_placed"]
     head_dim = CONFIG["n_embd"] // CONFIG["n_head"]
-    assert r["kv_shard"] == [B // (dp * fsdp), T, CONFIG["n_head"] // mp, head_dim]  # rows on dp x fsdp, heads on mp
+    # [B, N, S, H] (cache.py's one layout): rows on dp x fsdp, heads on mp
+    assert r["kv_shard"] == [B // (dp * fsdp), CONFIG["n_head"] // mp, T, head_dim]
 
 
 @pytest.mark.slow
@@ -413,10 +414,10 @@ def load_worker(directory: str, how: str) -> dict:
     import jax
 
     jax.config.update("jax_num_cpu_devices", 8)
+    from gptj_jax import load
     from gptj_jax import sharding as sh
     from gptj_jax.config import GPTJConfig
     from gptj_jax.convert import from_pretrained
-    from gptj_jax.convert.sharded_load import load_hf_sharded
 
     mesh = sh.make_mesh(1, 1, 8)
     jax.block_until_ready(jax.device_put(np.zeros(8, np.float32), sh.NamedSharding(mesh, sh.P("mp"))))
@@ -424,7 +425,7 @@ def load_worker(directory: str, how: str) -> dict:
     before = _rss("VmRSS")
     stats: dict = {}
     if how == "sharded":
-        cfg, params = load_hf_sharded(directory, mesh, stats=stats)
+        cfg, params = load(directory, mesh=mesh, stats=stats)
     else:  # the baseline: whole tensors through the host, then split
         cfg, whole = from_pretrained(directory)
         params = sh.shard_params(whole, mesh, cfg)
@@ -477,10 +478,10 @@ def hfload_worker(directory: str) -> dict:
     import jax
 
     jax.config.update("jax_num_cpu_devices", 8)
+    from gptj_jax import load
     from gptj_jax import sharding as sh
     from gptj_jax.config import GPTJConfig
     from gptj_jax.convert import save_flax, save_pretrained
-    from gptj_jax.convert.sharded_load import load_flax_sharded, load_hf_sharded
     from gptj_jax.model import init_params
 
     cfg = GPTJConfig(**CONFIG)
@@ -492,8 +493,8 @@ def hfload_worker(directory: str) -> dict:
         mesh = sh.make_mesh(*shape)
         want = sh.param_shardings(cfg, mesh)
         checks = []
-        for loader, sub in ((load_hf_sharded, "hf"), (load_flax_sharded, "flax")):
-            _, p = loader(os.path.join(directory, sub), mesh)
+        for sub in ("hf", "flax"):
+            _, p = load(os.path.join(directory, sub), mesh=mesh)
             checks.append(all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(p)), jax.tree.leaves(params))))
             checks.append(all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(jax.tree.leaves(p), jax.tree.leaves(want))))
         out["x".join(map(str, shape))] = checks

@@ -1,9 +1,15 @@
 """The ``gptj-jax generate`` verb: flags in, :func:`gptj_jax.generation.generate` (one prompt) or
 :func:`gptj_jax.batch.generate_jsonl` (a JSONL file of prompts) out.
 
-    gptj-jax generate --model DIR --prompt TEXT [--max-new-tokens N] [--greedy | --temperature T --top-k K
+    gptj-jax generate --model SOURCE --prompt TEXT [--max-new-tokens N] [--greedy | --temperature T --top-k K
                       --top-p P --min-p M] [--seed S] [--stream]
-    gptj-jax generate --model DIR --input prompts.jsonl --output out.jsonl [--batch-size 8]
+    gptj-jax generate --model SOURCE --input prompts.jsonl --output out.jsonl [--batch-size 8]
+
+``--model`` is anything :func:`gptj_jax.load` reads: a hub id (``EleutherAI/gpt-j-6B``, ``--revision float16``),
+an HF or HF Flax directory, a gptj-jax checkpoint or training run directory, a mesh-transformer-jax checkpoint
+(with ``--config``). The tokenizer is the checkpoint's own when it carries tokenizer files, else GPT-J's
+(``--tokenizer`` names another directory or hub id). With ``--mesh`` every weight goes from disk straight to
+the devices that hold its blocks.
 
 Single-prompt mode prints the prompt and its continuation (``--stream``: as it is decoded). Batch mode
 reads one JSON object per line (``{"id": ..., "prompt": ...}``), skips ids already in ``--output``
@@ -12,15 +18,14 @@ reads one JSON object per line (``{"id": ..., "prompt": ...}``), skips ids alrea
 ``--output`` must be a new file or a results file this tool wrote (a torn last line is cut off with a
 warning); anything else, or the ``--input`` file itself, is refused and left as it is.
 
-Everything is checked before anything is written: the flags, the model directory and its
-config.json, every prompt (empty? longer than the model allows? ids outside the vocabulary?), the
-output file; the weights are loaded last.
+Everything is checked before anything is written: the flags, the model source and its config, every
+prompt (empty? longer than the model allows? ids outside the vocabulary?), the output file; the weights
+are loaded last.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any, Optional
@@ -33,7 +38,16 @@ HELP = "generate text with a GPT-J model (one prompt, or a JSONL file of prompts
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``generate`` flags to its sub-parser."""
-    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face GPT-J directory (config.json + weights)")
+    p.add_argument(
+        "--model", required=True, metavar="SOURCE",
+        help="hub id (owner/name), HF or HF Flax directory, gptj-jax checkpoint or run dir, or mtj checkpoint",
+    )
+    p.add_argument("--revision", metavar="REV", help="branch, tag or commit of a hub id (default: main)")
+    p.add_argument(
+        "--tokenizer", metavar="SOURCE",
+        help="directory or hub id to take the tokenizer from (default: the model's own, else GPT-J's)",
+    )
+    p.add_argument("--config", metavar="FILE", help="model config for an mtj checkpoint (its JSON or an HF config.json)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="one prompt; the continuation is printed")
     src.add_argument("--input", metavar="JSONL", help='batch mode: one {"id": ..., "prompt": ...} object per line')
@@ -130,16 +144,15 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ValueError("--stop needs a non-empty string")
 
 
-def _model_config(path: str):
-    from gptj_jax.config import GPTJConfig
+def _model(args: argparse.Namespace):
+    """``(source, config)`` of ``--model`` (a hub id is fetched or found in the cache now); errors name the flag."""
+    from gptj_jax.convert.load import resolve, source_config
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--model {path}: no such directory")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--model {path}: not a directory (expected a Hugging Face model directory)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"--model {path}: no config.json in this directory")
-    return GPTJConfig.from_pretrained(path)
+    try:
+        source = resolve(args.model, args.revision)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--model {e}") from None
+    return source, source_config(source, args.config)
 
 
 # ---------------------------------------------------------------------------------------- run
@@ -147,12 +160,15 @@ def run(args: argparse.Namespace) -> int:
     """Run the verb; exceptions propagate (:func:`gptj_jax.cli.main` turns them into one error line)."""
     _check_flags(args)
     sampling = _sampling_kwargs(args)
-    config = _model_config(args.model)
+    source, config = _model(args)
 
     from gptj_jax import batch
     from gptj_jax.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer()
+    if args.tokenizer is not None:
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:
+        tokenizer = load_tokenizer(source.path)
     max_new = args.max_new_tokens
     if args.input is not None:
         prompts = batch.read_prompts(args.input)
@@ -162,16 +178,17 @@ def run(args: argparse.Namespace) -> int:
         ids = tokenizer(args.prompt)["input_ids"]
         batch.check_prompt(config, ids, max_new, "--prompt")
 
-    from gptj_jax import from_pretrained
+    from gptj_jax import load
     from gptj_jax.generation import enable_compilation_cache
 
     if args.compilation_cache is not None:
         enable_compilation_cache(args.compilation_cache or None)
-    config, params = from_pretrained(args.model, dtype=args.dtype)
+    mesh = _mesh(args.mesh)
+    config, params = load(source, mesh=mesh, dtype=args.dtype, config=config, head="causal_lm")
     common = dict(
         max_new_tokens=max_new, min_new_tokens=args.min_new_tokens, **sampling,
         eos_token_id=[] if args.no_eos else args.eos_token_id, stop_strings=args.stop or None,
-        num_return_sequences=args.num_return_sequences, mesh=_mesh(args.mesh),
+        num_return_sequences=args.num_return_sequences, mesh=mesh,
     )
     if args.input is not None:
         return _run_batch(args, config, params, tokenizer, prompts, common, scan)

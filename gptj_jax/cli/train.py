@@ -74,8 +74,10 @@ def run_prepare(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- eval
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``eval`` flags to its sub-parser."""
-    p.add_argument("--model", required=True, metavar="PATH",
-                   help="HF directory, gptj-jax checkpoint or training run dir (newest step), or mtj checkpoint")
+    p.add_argument("--model", required=True, metavar="SOURCE",
+                   help="hub id (owner/name), HF or HF Flax directory, gptj-jax checkpoint or training run dir "
+                        "(newest step), or mtj checkpoint (with --config)")
+    p.add_argument("--revision", metavar="REV", help="branch, tag or commit of a hub id (default: main)")
     p.add_argument("--data", required=True, nargs="+", metavar="DIR", help="prepared data directories (gptj-jax prepare)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="model config for an mtj checkpoint (its training JSON or an HF config.json)")
@@ -94,7 +96,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from gptj_jax.train.evaluate import evaluate_checkpoint
 
     results = evaluate_checkpoint(args.model, args.data, args.batch_size, args.max_batches, args.dtype, args.mesh,
-                                  args.config)
+                                  args.config, revision=args.revision)
     for r in results:
         print(f"{r['data']}: loss {r['loss']:.4f}  perplexity {r['ppl']:.3f}  bits per byte {r['bits_per_byte']:.4f}  "
               f"({r['tokens']} tokens)")

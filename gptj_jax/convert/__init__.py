@@ -1,13 +1,17 @@
-"""Checkpoint conversion: Hugging Face Transformers, our Flax (orbax) checkpoints, mesh-transformer-jax.
+"""Checkpoint conversion: Hugging Face Transformers (PyTorch and Flax msgpack), our Flax (orbax) checkpoints,
+mesh-transformer-jax.
 
 Every format has one mapping table walked in both directions (:mod:`gptj_jax.convert.table` for
 HF names <-> our params pytree, :data:`gptj_jax.convert.mtj.MTJ_ROWS` for mesh-transformer-jax
 leaves <-> HF names) and streams tensors one at a time.
 
-    from_pretrained(dir) -> (config, params)        HF directory -> our params
+    load.load(source, mesh=, dtype=)                 any checkpoint or hub id -> (config, params), straight
+                                                    onto a mesh (``gptj_jax.load``; ``load`` is the submodule)
+    from_pretrained(dir) -> (config, params)        load(dir) on one device (the older name)
     save_pretrained(dir, config, params)            our params -> HF directory
     save_flax / restore_flax                        our orbax checkpoint format
-    convert(src, dst, to="hf" | "flax" | "mtj")     any format to any, streaming, atomic
+    HFFlaxReader / HFFlaxWriter                     Transformers 4.x ``flax_model.msgpack``, streaming
+    convert(src, dst, to="hf" | "hf-flax" | "flax" | "mtj")   any format to any, streaming, atomic
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from typing import Any
 _LAZY = {
     "CheckpointError": ("gptj_jax.convert.errors", "CheckpointError"),
     "ConvertSummary": ("gptj_jax.convert.pipeline", "ConvertSummary"),
+    "HFFlaxReader": ("gptj_jax.convert.hf_flax", "HFFlaxReader"),
+    "HFFlaxWriter": ("gptj_jax.convert.hf_flax", "HFFlaxWriter"),
     "architecture_of": ("gptj_jax.convert.table", "architecture_of"),
     "convert": ("gptj_jax.convert.pipeline", "convert"),
     "detect_format": ("gptj_jax.convert.pipeline", "detect_format"),
     "expected_shapes": ("gptj_jax.convert.table", "expected_shapes"),
-    "from_pretrained": ("gptj_jax.convert.hf", "from_pretrained"),
+    "from_pretrained": ("gptj_jax.convert.load", "from_pretrained"),
     "head_of": ("gptj_jax.model", "head_of"),  # the one head registry lives next to the head classes
     "hf_to_ours": ("gptj_jax.convert.table", "hf_to_ours"),
     "load_config": ("gptj_jax.convert.pipeline", "load_config"),

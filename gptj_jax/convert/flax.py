@@ -10,8 +10,9 @@ A training run (orbax ``CheckpointManager`` with an item named ``params``) write
 step, ``<run>/<step>/params/``, with ``config.json`` in ``<run>/`` or ``<run>/<step>/``; pointing
 :func:`resolve` (and ``gptj-jax convert``) at ``<run>`` picks the newest step.
 
-Reads go leaf group by leaf group with orbax's ``partial_restore`` into NumPy arrays, so converting
-a Flax checkpoint to another format never holds the whole model.
+Reads go leaf group by leaf group with orbax's ``partial_restore``: into NumPy arrays for conversion
+(:class:`FlaxReader`), so converting a Flax checkpoint to another format never holds the whole model,
+and straight into the target shardings for :func:`gptj_jax.load`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from gptj_jax.config import GPTJConfig
 from gptj_jax.convert import table
 from gptj_jax.convert.errors import CheckpointError
 from gptj_jax.convert.staging import staged_dir
-from gptj_jax.dtypes import as_dtype, dtype_name
+from gptj_jax.dtypes import dtype_name
 from gptj_jax.model import HEADS
 
 PathLike = Union[str, os.PathLike]
@@ -213,16 +214,7 @@ class FlaxReader:
 
 
 def restore(path: PathLike, dtype: Any = None, *, config: Optional[GPTJConfig] = None) -> tuple[GPTJConfig, dict]:
-    """Load a Flax checkpoint (or a run dir's newest step) into ``(config, params)`` of jax arrays.
+    """``gptj_jax.load(path, dtype=dtype, config=config)`` of a Flax checkpoint (or a run dir's newest step)."""
+    from gptj_jax.convert.load import load
 
-    ``dtype`` casts every leaf (None keeps the stored dtypes).
-    """
-    reader = FlaxReader(path, config)
-    np_dtype = as_dtype(dtype)
-    flat = {}
-    for p, array in reader.iter_leaves():
-        if np_dtype is not None and array.dtype != np_dtype:
-            array = array.astype(np_dtype)
-        flat[p] = jax.device_put(array)
-    return reader.config, table.unflatten(flat)
-
+    return load(path, dtype=dtype, config=config)

@@ -1,9 +1,9 @@
 """Hugging Face Transformers checkpoints <-> our params pytree.
 
-``from_pretrained(dir)`` reads an HF GPT-J directory (``config.json`` plus ``model.safetensors``,
-``pytorch_model.bin``, or a sharded index of either) into ``(GPTJConfig, params)``;
-``save_pretrained(dir, config, params)`` writes one that ``transformers`` loads with no missing or
-unexpected keys. Both walk :mod:`gptj_jax.convert.table`.
+Reading an HF GPT-J directory (``config.json`` plus ``model.safetensors``, ``pytorch_model.bin``, or a
+sharded index of either) into ``(GPTJConfig, params)`` is :func:`gptj_jax.load` (``convert/load.py``),
+which uses :func:`checked_tensors` here; ``save_pretrained(dir, config, params)`` writes a directory
+that ``transformers`` loads with no missing or unexpected keys. Both walk :mod:`gptj_jax.convert.table`.
 
 Tied embeddings (``tie_word_embeddings: true``) follow transformers (5.x): on load a missing
 ``lm_head.weight`` is ``transformer.wte.weight`` (our ``lm_head/kernel`` is ``wte`` transposed), a
@@ -98,35 +98,6 @@ def read_param(
     array = table.apply_transform(array, transform, contiguous=True)
     np_dtype = as_dtype(dtype)
     return array.astype(np_dtype) if np_dtype is not None and array.dtype != np_dtype else array
-
-
-def from_pretrained(
-    path: PathLike, dtype: Any = None, *, config: Optional[GPTJConfig] = None
-) -> tuple[GPTJConfig, Params]:
-    """Read an HF GPT-J checkpoint directory into ``(config, params)``.
-
-    ``params`` are nested dicts of jax arrays in our layout (see :mod:`gptj_jax.convert.table`);
-    the head (causal LM, sequence classification, question answering or bare model) follows the
-    tensors present. Each tensor is read, transposed if needed, cast to ``dtype`` (None keeps the
-    file's dtype) and ``device_put`` on its own, so at most one host copy exists at a time.
-    ``config`` overrides the directory's ``config.json``.
-    """
-    path = os.fspath(path)
-    if config is None:
-        config = GPTJConfig.from_pretrained(path)
-    np_dtype = as_dtype(dtype)
-    with CheckpointReader(path) as reader:
-        head, names = checked_tensors(reader, config, path)
-        flat: dict[str, Any] = {}
-        for name in names:
-            our_path, transform = table.hf_to_ours(name)
-            array = table.apply_transform(reader.read(name), transform, contiguous=True)
-            if np_dtype is not None and array.dtype != np_dtype:
-                array = array.astype(np_dtype)
-            flat[our_path] = jax.device_put(np.ascontiguousarray(array))
-            del array
-    order = table.expected_param_shapes(config, head)
-    return config, table.unflatten({p: flat[p] for p in order})
 
 
 def check_params(config: GPTJConfig, params: Mapping[str, Any]) -> str:

@@ -1,24 +1,42 @@
 """Tensor files on disk: lazy safetensors / PyTorch ``.bin`` readers and streaming writers.
 
-Memory model: readers hand out one tensor (or one slice of a tensor) at a time as a NumPy array
+Memory model: readers hand out one tensor (or one block of a tensor) at a time as a NumPy array
 that owns its memory; nothing else stays resident. bfloat16 comes back as ``ml_dtypes.bfloat16``.
+Both formats store each tensor as C-order bytes at a known file offset, so both read the same way
+(:func:`read_region`): ``readinto`` of the rows a block spans straight into a fresh 64-byte-aligned
+array (aligned so that ``jax.device_put`` on CPU can use it without a copy); a block that is a
+column range reads its rows in chunks of :data:`CHUNK_BYTES` and keeps the columns. No file is
+memory-mapped, so no file-backed pages pile up in the process (``RssFile``) as a model loads.
 
 Why we parse the safetensors header ourselves: ``safetensors`` 0.8.0's NumPy backend raises
 ``TypeError: data type 'bfloat16' not understood`` on BF16 tensors (NumPy has no bfloat16), and
 its Flax backend returns device arrays. The format is a little-endian u64 header length, a JSON
-header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` and the raw bytes; reading it
-with ``readinto`` (whole tensors) and ``np.memmap`` (slices) is a few lines and handles every dtype.
-Writing streams too: the header is computed from the plan (names, shapes, dtypes) up front, so each
-tensor is written at its offset as it arrives and no shard is ever held in memory.
+header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` and the raw bytes.
+
+Why we read ``pytorch_model.bin`` without ``torch.load``: the file is a zip archive whose
+``<archive>/data.pkl`` pickles the state dict and whose ``<archive>/data/<key>`` entries hold each
+storage's raw bytes, stored uncompressed. ``torch.load(mmap=True)`` maps the whole file and every
+page a read touches stays in the process as file-backed RSS until the map goes (a 24 GB
+checkpoint's worth at the end of a load); reading the storages directly needs no torch at all, only
+a restricted unpickler of ``data.pkl`` that records, per tensor, its storage key, dtype, offset,
+shape and strides (and refuses any other pickled object). Files of the pre-1.6, non-zip format
+still go through ``torch.load``.
+
+Writing streams too: the safetensors header is computed from the plan (names, shapes, dtypes) up
+front, so each tensor is written at its offset as it arrives and no shard is ever held in memory.
 """
 
 from __future__ import annotations
 
+import io as stdio  # this module is gptj_jax.convert.io
 import json
 import os
+import pickle
 import re
 import struct
-from typing import Any, Iterator, Optional, Sequence, Union
+import zipfile
+from collections import OrderedDict
+from typing import Any, BinaryIO, Iterator, NamedTuple, Optional, Sequence, Union
 
 import ml_dtypes
 import numpy as np
@@ -81,6 +99,122 @@ def same_bits(a: Any, b: Any) -> bool:
     if unsigned is None:
         return np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
     return bool(np.array_equal(a.view(unsigned), b.view(unsigned)))
+
+
+# ============================================================================ reading bytes
+CHUNK_BYTES = 8 << 20  # rows read at a time when a block keeps only some columns of each row
+ALIGN = 64  # jax.device_put on CPU uses a NumPy buffer in place when it is 64-byte aligned
+
+
+def aligned_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
+    """``np.empty(shape, dtype)`` whose data starts on an :data:`ALIGN`-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(tuple(shape))
+
+
+def _unit_slices(index: Index, shape: tuple[int, ...]) -> Optional[tuple[slice, ...]]:
+    """``index`` as one ``slice(start, stop)`` per dimension, or None when it is not plain unit-step slices."""
+    index = tuple(index) if isinstance(index, tuple) else (index,)
+    if len(index) > len(shape):
+        return None
+    out = []
+    for i, n in zip(index + (slice(None),) * (len(shape) - len(index)), shape):
+        if not isinstance(i, slice):
+            return None
+        start, stop, step = i.indices(n)
+        if step != 1:
+            return None
+        out.append(slice(start, max(start, stop)))
+    return tuple(out)
+
+
+def read_exact(f: BinaryIO, offset: int, out: memoryview, file: str, what: str) -> None:
+    """Fill ``out`` with the bytes of ``f`` from ``offset`` (several ``readinto`` calls if the OS
+    returns less, as Linux does above 2 GiB); CheckpointError naming ``file`` and ``what`` at EOF."""
+    f.seek(offset)
+    done = 0
+    while done < len(out):
+        got = f.readinto(out[done:])
+        if not got:
+            raise CheckpointError(f"{file}: truncated file: {what} read {done} of {len(out)} bytes")
+        done += got
+
+
+def read_region(
+    f: BinaryIO, file: str, what: str, offset: int, shape: tuple[int, ...], dtype: np.dtype, index: Index = None,
+    out: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """``tensor[index]`` of the C-order tensor ``shape``/``dtype`` stored at byte ``offset`` of ``f``.
+
+    Returns ``out`` (a C-contiguous array of the block's shape and ``dtype``, e.g. a reused staging
+    buffer) filled, or else a fresh aligned array (:func:`aligned_empty`). A block of whole rows
+    (``index`` slices axis 0 only) is one ``readinto``; a block that keeps part of each row reads the
+    rows it spans, :data:`CHUNK_BYTES` at a time, and copies the kept part out. Other indexes (ints,
+    steps) read the whole tensor and index it.
+    """
+    shape = tuple(int(n) for n in shape)
+    dtype = np.dtype(dtype)
+    block = tuple(slice(0, n) for n in shape) if index is None else _unit_slices(index, shape)
+    if block is None:
+        whole = np.array(read_region(f, file, what, offset, shape, dtype)[index])
+        if out is None:
+            return whole
+        out[...] = whole
+        return out
+    block_shape = tuple(s.stop - s.start for s in block)
+    if out is None:
+        out = aligned_empty(block_shape, dtype)
+    elif out.shape != block_shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out is {fmt_shape(out.shape)} {out.dtype}, the block {fmt_shape(block_shape)} {dtype}")
+    if out.size == 0:
+        return out
+    if not shape:  # a scalar
+        read_exact(f, offset, memoryview(out.reshape(-1).view(np.uint8)), file, what)
+        return out
+    rows, rest = block[0], block[1:]
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    if all(s.start == 0 and s.stop == n for s, n in zip(rest, shape[1:])):
+        read_exact(f, offset + rows.start * row_bytes, memoryview(out.reshape(-1).view(np.uint8)), file, what)
+        return out
+    per = max(1, CHUNK_BYTES // max(1, row_bytes))
+    buf = np.empty((min(per, rows.stop - rows.start),) + shape[1:], dtype)
+    for r in range(rows.start, rows.stop, per):
+        n = min(per, rows.stop - r)
+        read_exact(f, offset + r * row_bytes, memoryview(buf[:n].reshape(-1).view(np.uint8)), file, what)
+        out[r - rows.start : r - rows.start + n] = buf[:n][(slice(None),) + rest]
+    return out
+
+
+class Location(NamedTuple):
+    """A C-order tensor stored at byte ``offset`` of ``file``."""
+
+    file: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def mapped_rows(loc: Location, index: Index = None) -> Optional[np.ndarray]:
+    """``tensor[index]`` as a read-only memory map of the file, when the block is whole rows (``index``
+    slices axis 0 only, or None) starting on an :data:`ALIGN`-byte boundary; None otherwise.
+
+    The map covers the block alone and goes when the array is dropped, so its file-backed pages leave
+    the process with it. On CPU ``jax.device_put`` uses such an array in place: a device computation
+    then reads the page cache directly, with no copy into the process.
+    """
+    shape = tuple(loc.shape)
+    block = tuple(slice(0, n) for n in shape) if index is None else _unit_slices(index, shape)
+    if not shape or block is None or any(s.start != 0 or s.stop != n for s, n in zip(block[1:], shape[1:])):
+        return None
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(loc.dtype).itemsize
+    offset = loc.offset + block[0].start * row_bytes
+    rows = block[0].stop - block[0].start
+    if offset % ALIGN or rows * row_bytes == 0:
+        return None
+    return np.memmap(loc.file, dtype=loc.dtype, mode="r", offset=offset, shape=(rows,) + shape[1:])
 
 
 # ============================================================================ safetensors
@@ -164,30 +298,21 @@ class SafetensorsFile:
     def dtype(self, name: str) -> np.dtype:
         return self._entry(name)[0]
 
+    def location(self, name: str) -> Location:
+        """Where the tensor's C-order bytes lie in the file."""
+        dtype, shape, begin, _ = self._entry(name)
+        return Location(self.path, self._data_start + begin, shape, dtype)
+
     # ------------------------------------------------------------------ reads
     def read(self, name: str) -> np.ndarray:
         """The whole tensor as a NumPy array that owns its memory."""
-        dtype, shape, begin, end = self._entry(name)
-        out = np.empty(shape, dtype)
-        if end > begin:
-            self._file.seek(self._data_start + begin)
-            got = self._file.readinto(memoryview(out.reshape(-1).view(np.uint8)))
-            if got != end - begin:
-                raise CheckpointError(
-                    f"{self.path}: truncated file: tensor {name!r} {fmt_shape(shape)} read {got} of {end - begin} bytes"
-                )
-        return out
+        return self.read_slice(name, None)
 
-    def read_slice(self, name: str, index: Index) -> np.ndarray:
-        """``tensor[index]`` reading only the pages the slice touches (a temporary memmap of the tensor)."""
+    def read_slice(self, name: str, index: Index, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """``tensor[index]`` reading only the rows the slice spans (:func:`read_region`; into ``out`` if given)."""
         dtype, shape, begin, end = self._entry(name)
-        if end == begin:
-            return np.empty(shape, dtype)[index].copy()
-        mm = np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
-        try:
-            return np.array(mm[index])
-        finally:
-            del mm
+        what = f"tensor {name!r} {fmt_shape(shape)}"
+        return read_region(self._file, self.path, what, self._data_start + begin, shape, dtype, index, out)
 
     def close(self) -> None:
         self._file.close()
@@ -229,66 +354,258 @@ def numpy_to_torch(array: np.ndarray) -> Any:
     return torch.from_numpy(array)
 
 
-class TorchBinFile:
-    """One ``pytorch_model*.bin`` file, opened with ``torch.load(mmap=True, weights_only=True)``.
+# Storage classes a state dict's data.pkl names, and the dtypes they hold.
+_TORCH_STORAGES: dict[str, np.dtype] = {
+    "DoubleStorage": np.dtype(np.float64),
+    "FloatStorage": np.dtype(np.float32),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
+}
+_ZIP_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # the 30 bytes before each member's name
 
-    Tensors stay in the memory map until read; :meth:`read` copies one out.
+
+class _Storage(NamedTuple):
+    key: str
+    dtype: np.dtype
+    numel: int
+
+
+class _TensorRecord(NamedTuple):
+    """One tensor of a ``.bin`` state dict: ``shape`` / ``strides`` (elements) over storage ``storage``
+    from element ``start``; ``offset`` is the absolute byte offset of that storage in the file."""
+
+    storage: _Storage
+    start: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    offset: int = -1
+
+
+def _rebuild_tensor(storage: _Storage, start: int, size: Any, stride: Any, *args: Any) -> _TensorRecord:
+    return _TensorRecord(storage, int(start), tuple(int(n) for n in size), tuple(int(n) for n in stride))
+
+
+def _rebuild_parameter(data: _TensorRecord, *args: Any) -> _TensorRecord:
+    return data
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+    """Unpickles a ``.bin``'s ``data.pkl`` into :class:`_TensorRecord` s; refuses every other global."""
+
+    _GLOBALS = {
+        ("collections", "OrderedDict"): OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._GLOBALS:
+            return self._GLOBALS[(module, name)]
+        if module == "torch" and name in _TORCH_STORAGES:
+            return _TORCH_STORAGES[name]
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a state dict of tensors")
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], np.dtype)):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+        return _Storage(str(pid[2]), pid[1], int(pid[4]))
+
+
+def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= n
+    return tuple(reversed(out))
+
+
+class TorchBinFile:
+    """One ``pytorch_model*.bin`` file, read without ``torch``: a zip archive of ``data.pkl`` (the
+    state dict, unpickled by a restricted unpickler into storage keys, offsets, shapes and strides)
+    and one stored (uncompressed) member per storage, read at its byte offset (:func:`read_region`).
+
+    The archive's layout is checked at open: every storage member present, uncompressed, as large as
+    the pickle says and inside the file, so a truncated file fails before anything is read. A file in
+    the pre-1.6, non-zip format is loaded whole with ``torch.load`` (which then must be installed).
     """
 
     def __init__(self, path: PathLike):
-        torch = _torch()
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise CheckpointError(f"{self.path}: file does not exist")
+        self._file: Optional[BinaryIO] = None
+        self._legacy: Optional[dict[str, np.ndarray]] = None
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+        if zipfile.is_zipfile(self.path):
+            self._records = self._index_zip()
+        elif magic == b"PK\x03\x04":
+            size = os.path.getsize(self.path)
+            raise CheckpointError(
+                f"{self.path}: truncated or corrupt PyTorch checkpoint: a zip archive of {size} bytes with no "
+                "readable central directory at its end"
+            )
+        else:
+            self._legacy = self._load_legacy()
+            self._records = {}
+
+    # ------------------------------------------------------------------ opening
+    def _index_zip(self) -> dict[str, _TensorRecord]:
+        size = os.path.getsize(self.path)
         try:
-            try:
-                state = torch.load(self.path, mmap=True, weights_only=True, map_location="cpu")
-            except RuntimeError as e:
-                if "zipfile" not in str(e) and "mmap" not in str(e):
-                    raise
-                # Pre-1.6 (non-zip) files cannot be memory-mapped: load them normally.
-                state = torch.load(self.path, weights_only=True, map_location="cpu")
-        except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, zipfile errors...
+            with zipfile.ZipFile(self.path) as z:
+                members = {info.filename: info for info in z.infolist()}
+                pickles = [n for n in members if n == "data.pkl" or n.endswith("/data.pkl")]
+                if len(pickles) != 1:
+                    raise CheckpointError(f"{self.path}: not a PyTorch checkpoint (zip without one data.pkl)")
+                prefix = pickles[0][: -len("data.pkl")]
+                if prefix + "byteorder" in members and z.read(prefix + "byteorder").strip() != b"little":
+                    raise CheckpointError(f"{self.path}: big-endian PyTorch checkpoint; only little-endian is read")
+                state = _StateDictUnpickler(stdio.BytesIO(z.read(pickles[0]))).load()
+        except CheckpointError:
+            raise
+        except Exception as e:  # BadZipFile, UnpicklingError, EOFError, ...
+            raise CheckpointError(f"{self.path}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, _TensorRecord) for v in state.values()):
+            raise CheckpointError(f"{self.path}: expected a flat dict of tensors (a state dict)")
+        offsets: dict[str, int] = {}
+        with open(self.path, "rb") as f:
+            for name, record in state.items():
+                key = record.storage.key
+                if key not in offsets:
+                    info = members.get(f"{prefix}data/{key}")
+                    if info is None:
+                        raise CheckpointError(f"{self.path}: tensor {name!r}: storage member data/{key} is missing")
+                    if info.compress_type != zipfile.ZIP_STORED:
+                        raise CheckpointError(f"{self.path}: storage data/{key} is compressed; PyTorch stores them raw")
+                    f.seek(info.header_offset)
+                    header = f.read(_ZIP_LOCAL_HEADER.size)
+                    if len(header) != _ZIP_LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+                        raise CheckpointError(f"{self.path}: corrupt zip entry for storage data/{key}")
+                    fields = _ZIP_LOCAL_HEADER.unpack(header)
+                    offset = info.header_offset + _ZIP_LOCAL_HEADER.size + fields[-2] + fields[-1]
+                    want = record.storage.numel * record.storage.dtype.itemsize
+                    if info.file_size != want:
+                        raise CheckpointError(
+                            f"{self.path}: storage data/{key} of tensor {name!r} holds {info.file_size} bytes, "
+                            f"the pickle says {record.storage.numel} x {record.storage.dtype}"
+                        )
+                    if offset + want > size:
+                        raise CheckpointError(
+                            f"{self.path}: truncated file: tensor {name!r} {fmt_shape(record.shape)} needs bytes "
+                            f"{offset}..{offset + want} but the file holds only {size}"
+                        )
+                    offsets[key] = offset
+                extent = record.start + sum((n - 1) * st for n, st in zip(record.shape, record.strides)) + 1
+                if any(n == 0 for n in record.shape):
+                    extent = 0
+                if record.start < 0 or extent > record.storage.numel or any(st < 0 for st in record.strides):
+                    raise CheckpointError(
+                        f"{self.path}: tensor {name!r} {fmt_shape(record.shape)} does not fit its storage data/{key} "
+                        f"of {record.storage.numel} elements"
+                    )
+                state[name] = record._replace(offset=offsets[key])
+        return dict(state)
+
+    def _load_legacy(self) -> dict[str, np.ndarray]:
+        torch = _torch()
+        try:
+            state = torch.load(self.path, weights_only=True, map_location="cpu")
+        except Exception as e:  # RuntimeError, EOFError, UnpicklingError...
             raise CheckpointError(f"{self.path}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{self.path}: expected a flat dict of tensors (a state dict)")
-        self._state: dict[str, Any] = state
+        return {name: torch_to_numpy(t.contiguous()) for name, t in state.items()}
 
+    # ------------------------------------------------------------------ queries
     def keys(self) -> list[str]:
-        return list(self._state)
+        return list(self._legacy if self._legacy is not None else self._records)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._state
+        return name in (self._legacy if self._legacy is not None else self._records)
 
-    def _tensor(self, name: str) -> Any:
+    def _record(self, name: str) -> _TensorRecord:
         try:
-            return self._state[name]
+            return self._records[name]
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._tensor(name).shape)
+        if self._legacy is not None:
+            return tuple(self._legacy_array(name).shape)
+        return self._record(name).shape
 
     def dtype(self, name: str) -> np.dtype:
-        torch = _torch()
-        t = self._tensor(name)
-        if t.dtype == torch.bfloat16:
-            return np.dtype(ml_dtypes.bfloat16)
-        return np.dtype(torch.empty((), dtype=t.dtype).numpy().dtype)
+        if self._legacy is not None:
+            return self._legacy_array(name).dtype
+        return self._record(name).storage.dtype
 
-    def read(self, name: str) -> np.ndarray:
+    def _legacy_array(self, name: str) -> np.ndarray:
+        assert self._legacy is not None
         try:
-            return np.array(torch_to_numpy(self._tensor(name)))
-        except CheckpointError:
-            raise
-        except Exception as e:  # a truncated zip member surfaces here, on first touch
-            raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({type(e).__name__}: {e})") from None
+            return self._legacy[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
 
-    def read_slice(self, name: str, index: Index) -> np.ndarray:
-        return np.array(torch_to_numpy(self._tensor(name))[index])
+    # ------------------------------------------------------------------ reads
+    def read(self, name: str) -> np.ndarray:
+        """The whole tensor as a NumPy array that owns its memory."""
+        return self.read_slice(name, None)
+
+    def read_slice(self, name: str, index: Index, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """``tensor[index]``, reading only the rows the slice spans (into ``out`` if given; a tensor
+        stored with other strides than C order, which ``state_dict()`` never saves, is read whole and indexed)."""
+        if self._legacy is not None or self._record(name).strides != _c_strides(self._record(name).shape):
+            if self._legacy is not None:
+                array = self._legacy_array(name)
+            else:
+                array = self._strided(name)
+            block = np.array(array if index is None else array[index])
+            if out is None:
+                return block
+            out[...] = block
+            return out
+        record = self._record(name)
+        dtype = record.storage.dtype
+        what = f"tensor {name!r} {fmt_shape(record.shape)}"
+        offset = record.offset + record.start * dtype.itemsize
+        return read_region(self._open(), self.path, what, offset, record.shape, dtype, index, out)
+
+    def location(self, name: str) -> Optional[Location]:
+        """Where the tensor's bytes lie, for a C-order tensor of a zip checkpoint (else None)."""
+        if self._legacy is not None:
+            return None
+        record = self._record(name)
+        if record.strides != _c_strides(record.shape):
+            return None
+        dtype = record.storage.dtype
+        return Location(self.path, record.offset + record.start * dtype.itemsize, record.shape, dtype)
+
+    def _open(self) -> BinaryIO:
+        if self._file is None:
+            self._file = open(self.path, "rb")
+        return self._file
+
+    def _strided(self, name: str) -> np.ndarray:
+        record = self._record(name)
+        dtype = record.storage.dtype
+        span = record.storage.numel - record.start
+        what = f"tensor {name!r} {fmt_shape(record.shape)}"
+        flat = read_region(self._open(), self.path, what, record.offset + record.start * dtype.itemsize, (span,), dtype)
+        return np.lib.stride_tricks.as_strided(
+            flat, record.shape, tuple(st * dtype.itemsize for st in record.strides), writeable=False
+        )
 
     def close(self) -> None:
-        self._state = {}
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def __enter__(self) -> "TorchBinFile":
         return self
@@ -439,9 +756,13 @@ class CheckpointReader:
         """The whole tensor (file layout and dtype)."""
         return self._handle(self.file_of(name)).read(self.target(name))
 
-    def read_slice(self, name: str, index: Index) -> np.ndarray:
-        """``tensor[index]`` (file layout), reading only what the slice needs from safetensors."""
-        return self._handle(self.file_of(name)).read_slice(self.target(name), index)
+    def read_slice(self, name: str, index: Index, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """``tensor[index]`` (file layout), reading only the rows the slice spans; into ``out`` if given."""
+        return self._handle(self.file_of(name)).read_slice(self.target(name), index, out)
+
+    def location(self, name: str) -> Optional[Location]:
+        """Where tensor ``name``'s C-order bytes lie (None for a ``.bin`` tensor stored otherwise)."""
+        return self._handle(self.file_of(name)).location(self.target(name))
 
     def iter_tensors(self, names: Optional[Sequence[str]] = None) -> Iterator[tuple[str, np.ndarray]]:
         """Yield ``(name, array)`` one at a time, file by file."""
@@ -535,7 +856,10 @@ class SafetensorsWriter:
                 header[name] = {"dtype": st, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
                 offset += nbytes
             blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-            blob += b" " * (-len(blob) % 8)
+            # Spaces pad the header (the format allows any): the data starts on a 64-byte boundary, so
+            # tensors whose sizes are multiples of 64 bytes (every GPT-J weight) stay aligned and a
+            # loader can map them straight into a device buffer (io.mapped_rows).
+            blob += b" " * (-(8 + len(blob)) % ALIGN)
             data_start = 8 + len(blob)
             for i in indices:
                 name = plan[i][0]

@@ -1,10 +1,10 @@
-"""``convert(src, dst, to=...)``: any of HF / Flax / mesh-transformer-jax to any, one tensor at a time.
+"""``convert(src, dst, to=...)``: any of HF / HF Flax / Flax / mesh-transformer-jax to any, one tensor at a time.
 
 Every source exposes HF tensor names and HF-layout arrays (:class:`Source`); every target consumes
 them in a streaming way. Output goes to a temporary sibling of ``dst`` that is renamed into place
 only when everything is written, so ``dst`` is untouched on error.
 
-Peak memory (beyond the interpreter): HF and mtj targets hold one tensor plus its cast / transposed
+Peak memory (beyond the interpreter): HF, HF Flax and mtj targets hold one tensor plus its cast / transposed
 copy (mtj: plus one npz file's leaves per shard); a Flax target holds the model once, in the target
 dtype, as orbax writes a whole tree.
 """
@@ -21,7 +21,7 @@ import numpy as np
 
 from gptj_jax.config import GPTJConfig, read_json_config
 from gptj_jax.convert import flax as flax_ckpt
-from gptj_jax.convert import mtj, table
+from gptj_jax.convert import hf_flax, mtj, table
 from gptj_jax.convert.errors import CheckpointError
 from gptj_jax.convert.hf import checked_tensors, make_writer, write_config_files
 from gptj_jax.convert.io import CheckpointReader, has_hf_weights, same_bits
@@ -30,7 +30,7 @@ from gptj_jax.dtypes import as_dtype, dtype_name
 from gptj_jax.model import HEADS
 
 PathLike = Union[str, os.PathLike]
-FORMATS = ("hf", "flax", "mtj")
+FORMATS = ("hf", "hf-flax", "flax", "mtj")
 
 
 # ====================================================================================== config
@@ -47,13 +47,19 @@ def load_config(path: PathLike) -> tuple[GPTJConfig, Optional[int]]:
 
 # ====================================================================================== detection
 def detect_format(path: PathLike) -> str:
-    """``"hf"``, ``"flax"`` or ``"mtj"`` for a checkpoint directory; CheckpointError otherwise."""
+    """``"hf"``, ``"hf-flax"``, ``"flax"`` or ``"mtj"`` for a checkpoint directory; CheckpointError otherwise.
+
+    A directory with HF PyTorch weights is ``"hf"`` even when it also holds ``flax_model.msgpack`` (as the
+    hub's ``EleutherAI/gpt-j-6B`` does); ``"hf-flax"`` needs ``flax_model.msgpack`` or its index and no
+    PyTorch weights."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: source does not exist")
     if os.path.isdir(path):
         if has_hf_weights(path):
             return "hf"
+        if hf_flax.has_hf_flax_weights(path):
+            return "hf-flax"
         if flax_ckpt.is_flax_checkpoint(path):
             return "flax"
         if mtj.is_mtj_dir(path):
@@ -64,7 +70,8 @@ def detect_format(path: PathLike) -> str:
         shown = "a file"
     raise CheckpointError(
         f"{path}: unknown source layout (holds {shown}); expected an HF directory (config.json + "
-        "model.safetensors / pytorch_model.bin, or a sharded index of either), a gptj-jax Flax checkpoint "
+        "model.safetensors / pytorch_model.bin, or a sharded index of either), an HF Flax directory (config.json + "
+        "flax_model.msgpack or flax_model.msgpack.index.json), a gptj-jax Flax checkpoint "
         "(config.json + params/), or a mesh-transformer-jax model dir (meta.json + step_<N>/) or step dir (shard_0/ ...)"
     )
 
@@ -124,6 +131,31 @@ class HFSource(Source):
 
     def _read(self, name: str) -> np.ndarray:
         return self.reader.read(name)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class HFFlaxSource(Source):
+    """A Transformers 4.x Flax checkpoint (``flax_model.msgpack``, single or sharded), read in file order."""
+
+    format = "hf-flax"
+
+    def __init__(self, path: str, config: Optional[GPTJConfig]):
+        self.path = path
+        self.reader = hf_flax.HFFlaxReader(path, config)
+        self.config = self.reader.config
+        self.head = self.reader.head
+        self.tied = self.reader.tied
+        self._path_of = {table.ours_to_hf(p)[0]: p for p in self.reader.paths}
+        self.names = list(self._path_of)
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.reader.dtype(self._path_of[name])
+
+    def _read(self, name: str) -> np.ndarray:
+        p = self._path_of[name]
+        return table.apply_transform(self.reader.read(p), table.ours_to_hf(p)[1], contiguous=True)
 
     def close(self) -> None:
         self.reader.close()
@@ -197,6 +229,8 @@ def open_source(src: PathLike, config: Union[None, PathLike, GPTJConfig] = None)
         cfg, _ = load_config(config)
     if fmt == "hf":
         return HFSource(src, cfg)
+    if fmt == "hf-flax":
+        return HFFlaxSource(src, cfg)
     if fmt == "flax":
         return FlaxSource(src, cfg)
     if cfg is None:
@@ -294,21 +328,50 @@ def _write_hf(
     return out_dtype
 
 
-def _write_flax(tmp: str, source: Source, dtype: Optional[np.dtype], progress: _Progress) -> np.dtype:
-    import jax
+def _write_hf_flax(
+    tmp: str, source: Source, dtype: Optional[np.dtype], max_shard_size: Union[int, str], progress: _Progress,
+    tokenizer: bool,
+) -> np.dtype:
+    """``flax_model.msgpack`` (or shards + index) as Transformers 4.x ``FlaxGPTJForCausalLM`` /
+    ``FlaxGPTJModel`` saved it, streamed tensor by tensor; config files and tokenizer as for HF output.
 
-    flat = {}
-    for name, array in source.iter_tensors(dtype):
-        path, transform = table.hf_to_ours(name)
-        array = table.apply_transform(array, transform, contiguous=True)
-        flat[path] = jax.device_put(array)
-        progress.update(name, array)
-        del array
-    order = table.expected_param_shapes(source.config, source.head)
-    params = table.unflatten({p: flat.pop(p) for p in order})
-    flax_ckpt.write_into(tmp, source.config, params)
+    ``lm_head/kernel`` is always written and ``tie_word_embeddings`` is false (Transformers' Flax GPT-J
+    had no working tied LM head: it applied ``wte.T`` without the head's bias)."""
+    dtype_of = {table.hf_to_ours(name)[0]: dtype or source.dtype(name) for name in source.names}
+    plan = hf_flax.plan_for(source.config, source.head, dtype_of, where=source.path)
+    writer = hf_flax.HFFlaxWriter(tmp, plan, max_shard_size)
+    try:
+        for name, array in source.iter_tensors(dtype):
+            path, transform = table.hf_to_ours(name)
+            array = table.apply_transform(array, transform, contiguous=True)
+            writer.write(hf_flax.flax_key(path), array)
+            progress.update(name, array)
+            del array
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    out_dtype = dtype_of[table.hf_to_ours("wte.weight" if source.head == "base" else "transformer.wte.weight")[0]]
+    write_config_files(tmp, source.config, source.head, out_dtype, tied=False)
+    if tokenizer:
+        from gptj_jax.tokenizer import save_tokenizer
+
+        save_tokenizer(tmp)
+    return out_dtype
+
+
+def _write_flax(tmp: str, source: Source, dtype: Optional[np.dtype], progress: _Progress) -> np.dtype:
+    """Our orbax checkpoint: the params loaded onto one device by the one loader (:func:`gptj_jax.load`), as
+    orbax writes a whole tree, then written."""
+    from gptj_jax.convert.load import load
+
+    config, params = load(source.path, dtype=dtype, config=source.config, head=source.head)
+    flat = table.flatten(params)
+    for path, leaf in flat.items():
+        progress.update(table.ours_to_hf(path)[0], leaf)
+    flax_ckpt.write_into(tmp, config, params)
     embed = table.hf_to_ours("wte.weight" if source.head == "base" else "transformer.wte.weight")[0]
-    return np.dtype(table.flatten(params)[embed].dtype)
+    return np.dtype(flat[embed].dtype)
 
 
 def _write_mtj(
@@ -363,20 +426,21 @@ def convert(
     """Convert the checkpoint at ``src`` (format detected) to format ``to`` at ``dst``.
 
     Args:
-      src: an HF directory, a gptj-jax Flax checkpoint (or training run dir), or a
+      src: a hub id (``owner/name``), an HF directory, an HF Flax directory (``flax_model.msgpack``), a gptj-jax Flax checkpoint
+        (or training run dir), or a
         mesh-transformer-jax model / step directory (slim or full).
       dst: output directory; must not exist unless ``overwrite``, and must not be ``src``, contain it or
         lie inside it (:func:`check_paths`). Stale temporary siblings of killed earlier writes to it are
         removed first (:func:`gptj_jax.convert.staging.clean_stale_siblings`).
-      to: ``"hf"``, ``"flax"`` or ``"mtj"``.
+      to: ``"hf"``, ``"hf-flax"``, ``"flax"`` or ``"mtj"``.
       config: GPTJConfig, or a path to an HF ``config.json`` or mesh-transformer-jax config JSON.
         Required for mtj sources; overrides the checkpoint's config otherwise. For mtj targets its
         ``cores_per_replica`` is the default for ``shards``.
       dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; None keeps the source's dtype.
-      max_shard_size: HF output shard limit (``"5GB"``, ``"200MB"`` or bytes).
+      max_shard_size: HF and HF Flax output shard limit (``"5GB"``, ``"200MB"`` or bytes).
       shards: mp of an mtj output, >= 1 (default: the config's ``cores_per_replica``, else 1).
       mtj_layout: ``"slim"`` (params + step) or ``"full"`` (with zeroed Adam state) for mtj output.
-      tokenizer: write GPT-J's tokenizer files into an HF output.
+      tokenizer: write GPT-J's tokenizer files into an HF or HF Flax output.
       safe_serialization: HF output as safetensors (default) or ``pytorch_model*.bin``.
       verbose: show a progress bar per tensor and print the summary line.
 
@@ -388,6 +452,10 @@ def convert(
     src, dst = os.fspath(src), os.fspath(dst)
     if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or shards < 1):
         raise CheckpointError(f"--shards (shards=) must be an integer >= 1, got {shards!r}")
+    from gptj_jax.convert.load import hub_snapshot, is_hub_id
+
+    if is_hub_id(src):  # owner/name: its snapshot in the Hugging Face cache, fetched if need be
+        src = hub_snapshot(src)
     check_paths(src, dst)  # before anything is read or written
     np_dtype = as_dtype(dtype)
     mp_from_config = None
@@ -402,6 +470,8 @@ def convert(
             with staged_dir(dst, mode="replace", overwrite=overwrite) as tmp:
                 if to == "hf":
                     out_dtype = _write_hf(tmp, source, np_dtype, max_shard_size, progress, tokenizer, safe_serialization)
+                elif to == "hf-flax":
+                    out_dtype = _write_hf_flax(tmp, source, np_dtype, max_shard_size, progress, tokenizer)
                 elif to == "flax":
                     out_dtype = _write_flax(tmp, source, np_dtype, progress)
                 else:

@@ -95,9 +95,9 @@ class TrainConfig:
     comment: Optional[str] = _key(None, "free text", mtj=True)
 
     # ---- our keys
-    model: Optional[str] = _key(None, "start from a checkpoint: HF directory, gptj-jax checkpoint or run directory "
-                                "(newest step), or an mtj checkpoint (its shape comes from the mtj shape keys); "
-                                "null: a random init")
+    model: Optional[str] = _key(None, "start from a checkpoint (anything `gptj_jax.load` reads): a hub id `owner/name`, HF or "
+                                "HF Flax directory, gptj-jax checkpoint or run directory (newest step), or an mtj "
+                                "checkpoint (its shape comes from the mtj shape keys); null: a random init")
     model_config: Optional[str] = _key(None, "for a random init: a preset (`gptj-tiny`, `gptj-162m`, `gptj-1.3b`, "
                                        "`gptj-6b`: `gptj_jax/presets/`) or a `config.json` path (null: GPT-J-6B); "
                                        "the mtj shape keys override its fields")

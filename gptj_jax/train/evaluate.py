@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptj_jax import sharding as sh
-from gptj_jax.convert.pipeline import load_config
 from gptj_jax.train import data as data_lib
 from gptj_jax.train import step as step_lib
 
@@ -36,19 +35,19 @@ def evaluate(
 
 def evaluate_checkpoint(model: str, data_dirs: Sequence[str], batch_size: int = 8, max_batches: Optional[int] = None,
                         dtype: str = "float32", mesh_text: Optional[str] = None,
-                        config_path: Optional[str] = None) -> list[dict]:
+                        config_path: Optional[str] = None, *, revision: Optional[str] = None) -> list[dict]:
     """Loss (nats/token), perplexity and bits per byte of ``model`` on each prepared dir in ``data_dirs``.
 
-    ``model``: an HF directory, a gptj-jax checkpoint or training run dir (its newest step), or an mtj
-    checkpoint (with ``config_path``, its training JSON or an HF config.json). ``mesh_text`` as for
+    ``model``: anything :func:`gptj_jax.load` reads (a hub id, an HF or HF Flax directory, a gptj-jax
+    checkpoint or training run dir (its newest step), or an mtj checkpoint with ``config_path``, its
+    training JSON or an HF config.json; ``revision`` of a hub id), placed straight onto the mesh in float32. ``mesh_text`` as for
     :func:`gptj_jax.sharding.parse_mesh`; ``dp`` takes the devices left over unless it is named (default:
     all devices data-parallel). Returns one ``{"data", "loss", "ppl", "bits_per_byte", "tokens"}`` per dir.
     """
-    from gptj_jax.train.loop import load_params  # here: loop.py imports this module
+    from gptj_jax.convert.load import load
 
     mesh = sh.make_mesh(**sh.parse_mesh(mesh_text or "", rest="dp"))
-    hint = load_config(config_path)[0] if config_path else None
-    config, params = load_params(model, hint, lambda c: sh.param_shardings(c, mesh, "causal_lm"), jnp.float32)
+    config, params = load(model, mesh=mesh, dtype=jnp.float32, revision=revision, head="causal_lm", config=config_path)
     scfg = step_lib.StepConfig(config, dtype)
     eval_step = step_lib.make_eval_step(scfg, mesh, sh.param_shardings(config, mesh, "causal_lm"))
     sharding = sh.logical_sharding(mesh, ("batch", "length"))

@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -36,7 +35,6 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gptj_jax import sharding as sh
 from gptj_jax.config import GPTJConfig
@@ -128,51 +126,18 @@ def _restore(mngr: Any, step: int, abstract: dict, iterator: Any) -> tuple[dict,
     return state, dict(out["meta"])
 
 
-def load_params(path: str, config_hint: Optional[GPTJConfig], shardings: Any, param_dtype: Any) -> tuple[GPTJConfig, Any]:
-    """Read a checkpoint (HF dir, our Flax checkpoint or run dir, mtj checkpoint) one tensor at a time and
-    place each directly in its shards. ``config_hint`` is needed for mtj (which stores no config).
+def _checkpoint_config(path: str) -> Optional[GPTJConfig]:
+    """The model config stored with the checkpoint (or hub id) ``path``; None for an mtj checkpoint (its
+    shape comes from the mtj keys)."""
+    from gptj_jax.convert.load import resolve, source_config
 
-    Returns ``(config, params)``; ``shardings`` is called with the checkpoint's config to get the
-    NamedSharding pytree (so the mesh can be validated against it).
-    """
-    from gptj_jax.convert import table
-    from gptj_jax.convert.pipeline import detect_format, open_source
-
-    fmt = detect_format(path)
-    source = open_source(path, config_hint if fmt == "mtj" else None)
     try:
-        if source.head != "causal_lm":
-            raise TrainConfigError(f"key 'model': {path} holds a {source.head} model; training needs a causal LM head")
-        config = source.config
-        flat_sh = table.flatten(shardings(config))
-        flat: dict[str, Any] = {}
-        for name, array in source.iter_tensors():
-            path_ours, transform = table.hf_to_ours(name)
-            array = np.asarray(table.apply_transform(array, transform)).astype(param_dtype)
-            s = flat_sh[path_ours]
-            flat[path_ours] = jax.make_array_from_callback(array.shape, s, lambda idx, a=array: a[idx])
-            del array
-    finally:
-        source.close()
-    return config, table.unflatten(flat)
-
-
-def _checkpoint_config(path: str, cfg: TrainConfig) -> Optional[GPTJConfig]:
-    """The model config stored with the checkpoint at ``path`` (None for an mtj checkpoint)."""
-    from gptj_jax.convert import flax as flax_ckpt
-    from gptj_jax.convert.pipeline import detect_format
-
-    if not os.path.exists(path):
-        raise TrainConfigError(f"key 'model': {path} does not exist")
-    fmt = detect_format(path)
-    if fmt == "hf":
-        return GPTJConfig.from_pretrained(path)
-    if fmt == "flax":
-        _, config_file = flax_ckpt.resolve(path)
-        if config_file is None:
-            raise TrainConfigError(f"key 'model': {path} has no config.json")
-        return GPTJConfig.from_pretrained(config_file)
-    return None
+        source = resolve(path)
+    except FileNotFoundError:
+        raise TrainConfigError(f"key 'model': {path} does not exist (and is not a Hugging Face hub id)") from None
+    if source.format == "mtj":
+        return None
+    return source_config(source)
 
 
 @functools.lru_cache(maxsize=4)
@@ -343,7 +308,7 @@ def train(cfg: TrainConfig) -> dict:
     if resuming:
         model_cfg = model_config_for(cfg, GPTJConfig.from_pretrained(saved_config))
     elif cfg.model:
-        model_cfg = model_config_for(cfg, _checkpoint_config(cfg.model, cfg))
+        model_cfg = model_config_for(cfg, _checkpoint_config(cfg.model))
     else:
         model_cfg = model_config_for(cfg)
 
@@ -392,10 +357,10 @@ def train(cfg: TrainConfig) -> dict:
         source = f"resumed from {model_dir}/{latest}"
     else:
         if cfg.model:
-            loaded_cfg, params = load_params(
-                cfg.model, model_cfg, lambda c: sh.param_shardings(c, mesh, "causal_lm"), param_dtype
-            )
-            model_config_for(cfg, loaded_cfg)
+            from gptj_jax.convert.load import load
+
+            # each weight straight onto the mesh, in param_dtype; the config the keys checked is the one used
+            _, params = load(cfg.model, mesh=mesh, dtype=param_dtype, head="causal_lm", config=model_cfg)
             source = f"loaded {cfg.model}"
         else:
             params = sh.init_sharded_params(model_cfg, mesh, jax.random.PRNGKey(cfg.seed), "causal_lm", param_dtype)
