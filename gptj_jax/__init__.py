@@ -12,11 +12,15 @@ Public API (see README.md):
   from_pretrained, save_pretrained   load on one device (the older name) / params -> an HF directory
   load_tokenizer                     the checkpoint's tokenizer, else GPT-J's
   generate                           generation (the function; its module is ``gptj_jax.generation``)
+  beam_search, BeamOutput            beam search with Transformers' semantics (``gptj_jax.beam``)
   GenerationConfig                   every generation knob, validated; from_pretrained(dir) reads
                                      generation_config.json
   score, score_rolling, ScoreResult  log-likelihoods of continuations / whole texts (``gptj_jax.scoring``)
+  Engine, Scheduler, LLM             the continuous-batching inference engine and the scheduler serving on it;
+  RequestOutput, QueueFullError,     a finished request; submit() with max_waiting requests waiting;
+  UnknownRequestError                cancel() of an id never submitted (``gptj_jax.engine``)
   convert, sharding, generation,
-  scoring                            submodules, imported on first access
+  scoring, engine                    submodules, imported on first access
 
 No public name is also the name of a submodule, so ``gptj_jax.generate`` is the function whatever was
 imported before (importing a submodule sets an attribute of that name on the package).
@@ -46,14 +50,22 @@ _LAZY = {
     "from_pretrained": ("gptj_jax.convert", "from_pretrained"),
     "save_pretrained": ("gptj_jax.convert", "save_pretrained"),
     "generate": ("gptj_jax.generation", "generate"),
+    "beam_search": ("gptj_jax.beam", "beam_search"),
+    "BeamOutput": ("gptj_jax.beam", "BeamOutput"),
     "GenerationConfig": ("gptj_jax.generation_config", "GenerationConfig"),
     "score": ("gptj_jax.scoring", "score"),
     "score_rolling": ("gptj_jax.scoring", "score_rolling"),
     "ScoreResult": ("gptj_jax.scoring", "ScoreResult"),
+    "Engine": ("gptj_jax.engine", "Engine"),
+    "Scheduler": ("gptj_jax.engine", "Scheduler"),
+    "LLM": ("gptj_jax.engine", "LLM"),
+    "RequestOutput": ("gptj_jax.engine", "RequestOutput"),
+    "QueueFullError": ("gptj_jax.engine", "QueueFullError"),
+    "UnknownRequestError": ("gptj_jax.engine", "UnknownRequestError"),
     "load_tokenizer": ("gptj_jax.tokenizer", "load_tokenizer"),
 }
 # Submodules named in the README's API, imported on first attribute access.
-_LAZY_MODULES = ("convert", "sharding", "generation", "scoring")
+_LAZY_MODULES = ("convert", "sharding", "generation", "scoring", "engine")
 
 
 def __getattr__(name: str) -> Any:

@@ -12,14 +12,16 @@ before the weights are loaded and anything is written::
                              max_new_tokens=max_new_tokens, seed=0, batch_size=8)
 
 :func:`generate_jsonl` skips the ids already in the results file (so an interrupted run resumes), sorts
-the rest by token length, generates them ``batch_size`` at a time with :func:`gptj_jax.generation.generate`
-and appends one JSON line per prompt after each batch (flushed and fsynced)::
+the rest by token length and runs them on the inference engine's scheduler (:class:`gptj_jax.engine.LLM`,
+continuous batching: ``batch_size`` prompts decode at once and a finished prompt's decode slots are refilled
+at once), appending one JSON line per prompt as soon as it finishes (flushed and fsynced)::
 
     {"id": ..., "prompt": ..., "completion": TEXT, "num_new_tokens": N, "finish_reason": ..., ["logprobs": [...]]}
     {"id": ..., "prompt": ..., "completions": [TEXT, ...], "num_new_tokens": [N, ...], "finish_reasons": [...]}
 
-(the second form when ``num_return_sequences > 1``). Each prompt's PRNG seed comes from ``seed`` and its
-id (:func:`prompt_seed`), so a resumed run samples what an uninterrupted one would have. Completion text is
+(the second form when ``num_return_sequences > 1``; lines come in the order prompts finish). Each prompt's
+PRNG seed comes from ``seed`` and its id (:func:`prompt_seed`), so a resumed run samples what an
+uninterrupted one would have, and a prompt's result equals ``generate(..., seed=[prompt_seed(seed, id)])``. Completion text is
 decoded without special tokens (no ``<|endoftext|>``).
 
 The results file must be new or one this module wrote (every line a JSON object with ``id`` and
@@ -205,18 +207,15 @@ def prompt_seed(seed: int, item_id: Any) -> int:
     return zlib.crc32(f"{seed}:{id_key(item_id)}".encode()) & 0x7FFFFFFF
 
 
-def _record(item: Prompt, result: Any, rows: range, tokenizer: Any) -> dict[str, Any]:
-    """The results line of one prompt from the rows ``rows`` of a batch's ``GenerateOutput``."""
+def _record(item: Prompt, result: Any, tokenizer: Any) -> dict[str, Any]:
+    """The results line of one prompt from its :class:`gptj_jax.engine.RequestOutput` (text decoded without
+    special tokens)."""
     record: dict[str, Any] = {"id": item.id, "prompt": item.prompt}
-    texts, counts, reasons, logprobs = [], [], [], []
-    for r in rows:
-        n = int(result.num_new_tokens[r])
-        texts.append(tokenizer.decode(result.new_tokens[r, :n].tolist(), skip_special_tokens=True))
-        counts.append(n)
-        reasons.append(result.finish_reasons[r])
-        if result.logprobs is not None:
-            logprobs.append([round(float(x), 6) for x in result.logprobs[r, :n]])
-    if len(rows) == 1:
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in result.token_ids]
+    counts = result.num_new_tokens
+    reasons = list(result.finish_reasons)
+    logprobs = [] if result.logprobs is None else [[round(float(x), 6) for x in row] for row in result.logprobs]
+    if len(texts) == 1:
         record.update(completion=texts[0], num_new_tokens=counts[0], finish_reason=reasons[0])
         if logprobs:
             record["logprobs"] = logprobs[0]
@@ -245,15 +244,18 @@ def generate_jsonl(
 
     ``prompts`` come from :func:`read_prompts` with ``ids`` set (:func:`tokenize_prompts`); ``scan`` is
     :func:`scan_results` of ``output``, taken before the weights were loaded. A torn last line it found is
-    cut first (with a warning on stderr). Prompts are generated ``batch_size`` at a time, shortest first,
-    each with :func:`prompt_seed` of ``seed`` and its id; ``generate_kwargs`` go to
-    :func:`gptj_jax.generation.generate` (``max_new_tokens``, sampling options, ``num_return_sequences``,
-    ``eos_token_id``, ``stop_strings``, ``mesh``...; ``tokenizer`` goes there too, for stop strings).
+    cut first (with a warning on stderr). The prompts run on one :class:`gptj_jax.engine.LLM` with
+    ``batch_size * num_return_sequences`` decode slots (continuous batching), shortest first, each with
+    :func:`prompt_seed` of ``seed`` and its id; ``generate_kwargs`` are :class:`~gptj_jax.GenerationConfig`
+    fields (``max_new_tokens``, sampling options, ``num_return_sequences``, ``eos_token_id``,
+    ``stop_strings``...) plus ``mesh`` and ``dtype`` (for the engine); ``tokenizer`` decodes the results and
+    checks stop strings. Each result is appended (flushed and fsynced) as soon as its prompt finishes.
     ``progress``: a progress bar and a "resuming" line on stderr.
     """
     from tqdm import tqdm
 
-    from gptj_jax.generation import generate
+    from gptj_jax.engine import LLM
+    from gptj_jax.generation import bucket
 
     done, keep, newline = scan
     if os.path.exists(output):
@@ -261,28 +263,50 @@ def generate_jsonl(
     pending = [it for it in prompts if id_key(it.id) not in done]
     if not pending:
         return BatchSummary(len(prompts), len(done), 0, 0, 0.0)
-    # Similar lengths together: fewer padding tokens and fewer distinct compiled shapes.
+    # Similar lengths together: fewer distinct prompt buckets in flight at once.
     pending.sort(key=lambda it: len(it.ids))
+    mesh, dtype = generate_kwargs.pop("mesh", None), generate_kwargs.pop("dtype", None)
+    R = int(generate_kwargs.get("num_return_sequences", 1))
+    slots = batch_size * R
+    if mesh is not None:
+        from gptj_jax import sharding
+
+        data = sharding.axis_size(mesh, sharding.logical_to_mesh(("batch",))[0])
+        slots = -(-slots // data) * data
+    max_new = int(generate_kwargs["max_new_tokens"])
+    max_len = min(bucket(len(pending[-1].ids) + max_new, 8), config.n_positions)
+    llm = LLM(config, params, max_slots=slots, max_len=max_len, dtype=dtype, mesh=mesh, tokenizer=tokenizer,
+              max_waiting=2 * batch_size)
     bar = tqdm(total=len(pending), unit="prompt", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     if done and progress:
-        bar.write(f"resuming: {len(done)} of {len(prompts)} prompts already in {output}")
+        bar.write(f"resuming: {len(done)} of {len(pending) + len(done)} prompts already in {output}")
     generated, t0 = 0, time.perf_counter()
-    R = generate_kwargs.get("num_return_sequences", 1)
+    finished: list[tuple[Prompt, Any]] = []
     with open(output, "a", encoding="utf-8") as f:
         if newline:  # a complete last line without its newline
             f.write("\n")
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start: start + batch_size]
-            result = generate(
-                config, params, [it.ids for it in batch], **generate_kwargs, tokenizer=tokenizer,
-                seed=[prompt_seed(seed, it.id) for it in batch], return_logprobs=return_logprobs,
-            )
-            for b, it in enumerate(batch):
-                f.write(json.dumps(_record(it, result, range(b * R, (b + 1) * R), tokenizer), ensure_ascii=False) + "\n")
-            generated += sum(int(result.num_new_tokens[r]) for r in range(len(batch) * R))
+        todo = iter(pending)
+        item = next(todo, None)
+        busy = True
+        while busy or item is not None:
+            while item is not None and llm.num_waiting < 2 * batch_size:
+                llm.submit(item.ids, seed=prompt_seed(seed, item.id), logprobs=return_logprobs,
+                           callback=lambda chunk, it=item: finished.append((it, chunk.output)) if chunk.output else None,
+                           **generate_kwargs)
+                item = next(todo, None)
+            busy = llm.step()
+            if not finished:
+                continue
+            for it, result in finished:
+                if result.error is not None:
+                    raise RuntimeError(f"--input line {it.line} (id {it.id!r}): generation failed: {result.error}") \
+                        from result.error
+                f.write(json.dumps(_record(it, result, tokenizer), ensure_ascii=False) + "\n")
+                generated += sum(result.num_new_tokens)
             f.flush()
             os.fsync(f.fileno())
-            bar.update(len(batch))
+            bar.update(len(finished))
             bar.set_postfix_str(f"{generated / (time.perf_counter() - t0):.1f} tokens/s")
+            finished.clear()
     bar.close()
     return BatchSummary(len(prompts), len(done), len(pending), generated, time.perf_counter() - t0)

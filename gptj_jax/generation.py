@@ -14,17 +14,18 @@ Pieces, each usable on its own:
   LM head only at the last position (with left padding, the last real token of every row).
 * :func:`decode_step` ``(params, cache, tokens [B]) -> (logits [B, V], cache)``: one token per row; the
   cache is donated and updated in place. A full cache (a row's ``cache["index"] == S``) is an error.
-* :func:`generate`: the whole loop, knobs from a :class:`~gptj_jax.generation_config.GenerationConfig`
-  and/or keywords. The prompt batch is left-padded into a *bucket* (lengths and batch sizes rounded up to
-  ``2^k`` or ``3 * 2^(k-1)``; ``max_new_tokens`` likewise), prefilled, and the first token sampled in one
-  compiled program; the rest runs in one ``lax.while_loop`` that stops as soon as every row has finished
-  (EOS or ``max_new_tokens``). The loop state (cache, output buffers, flags) is donated, so the cache is
-  allocated once and updated in place. Sampling knobs (temperature, top-k, top-p, min-p, penalty, n-gram
+* :func:`generate`: the whole job, knobs from a :class:`~gptj_jax.generation_config.GenerationConfig`
+  and/or keywords, run on the inference engine (:mod:`gptj_jax.engine`). The prompt batch is left-padded
+  into a *bucket* (lengths and batch sizes rounded up to ``2^k`` or ``3 * 2^(k-1)``; ``max_new_tokens``
+  likewise), prefilled and its first tokens sampled; the rows are inserted into an engine with one decode
+  slot per row, and decode steps (one compiled program, the state donated: the cache is allocated once and
+  updated in place) are dispatched a few ahead of the host until every row has finished (EOS,
+  ``max_new_tokens`` or a stop string). Sampling knobs (temperature, top-k, top-p, min-p, penalty, n-gram
   size, bad words), ``max_new_tokens``, ``min_new_tokens``, EOS ids and the seed are traced values: a new
   prompt in the same bucket, or new knob values, reuse the compiled programs.
 
-Streaming and stop strings run the same compiled loop in chunks of ``stream_interval`` steps (the loop's
-``stop_at`` is traced), handing the new tokens to the host between chunks.
+Streaming and stop strings read the steps' tokens on the host while the device runs the next steps; a
+chunk is handed out every ``stream_interval`` steps.
 
 ``enable_compilation_cache()`` turns on JAX's persistent compilation cache so a second process start
 skips XLA compilation (see docs/generation.md).
@@ -42,14 +43,11 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from .cache import Cache, init_cache
 from .config import GPTJConfig
 from .generation_config import GenerationConfig, GenerationError
 from .model import GPTJForCausalLM
-from .sampling import SamplingParams, SamplingSpec, bad_words_table, prompt_keys, row_keys, sample
-from .tokenizer import NUM_REAL_TOKENS, VOCAB_SIZE, is_gptj_tokenizer
 
 Array = jax.Array
 Params = Any
@@ -177,104 +175,6 @@ def decode_step(
 
 
 decode_step.lower = _decode_step.lower  # ahead-of-time lowering, as on any jitted function (no cache check)
-
-
-# ---------------------------------------------------------------------------------------- the loop
-def _repeat_rows(tree: Any, repeats: int) -> Any:
-    """Repeat every array with a batch axis ``repeats`` times per row (``repeat_interleave``); scalars stay."""
-    if repeats == 1:
-        return tree
-    return jax.tree.map(lambda x: jnp.repeat(x, repeats, axis=0) if x.ndim else x, tree)
-
-
-def _record(state: dict, logits: Array, knobs: dict, ctl: dict, spec: SamplingSpec) -> dict:
-    """Sample the token of step ``state["step"]`` for every row from ``logits [R, V]`` and write it."""
-    s = state["step"]
-    inputs = {}
-    if "history" in state:  # [R, S]: the tokens by cache slot (-1: pad); the prompt fills the first P slots
-        prompt_len = state["history"].shape[1] - state["tokens"].shape[1]
-        inputs = dict(history=state["history"], history_end=prompt_len + s, bad_words=ctl.get("bad_words"))
-    tok, lp = sample(
-        logits, state["keys"], s, spec, knobs,
-        seen=state.get("seen"), eos_ids=ctl["eos_ids"], min_new_tokens=ctl["min_new"],
-        suppress_from=ctl["suppress_from"], **inputs,
-    )  # [R], [R]
-    done = state["done"]
-    is_eos = jnp.any(tok[:, None] == ctl["eos_ids"][None, :], axis=-1)
-    new = dict(
-        state,
-        # the output gets the pad id after a row ends (it may lie outside the vocabulary: see _check_pad)...
-        tokens=lax.dynamic_update_slice(state["tokens"], jnp.where(done, ctl["pad_id"], tok)[:, None], (0, s)),
-        n_new=state["n_new"] + (~done).astype(jnp.int32),
-        done=done | is_eos | (s + 1 >= ctl["max_new"]),
-        last=jnp.where(done, SAFE_ID, tok),  # ...the model is fed an id that always embeds
-        step=s + 1,
-    )
-    if spec.logprobs:
-        lp = jnp.where(done, 0.0, lp)
-        new["logprobs"] = lax.dynamic_update_slice(state["logprobs"], lp[:, None], (0, s))  # [R, N]
-    if spec.repetition_penalty:
-        new["seen"] = state["seen"].at[jnp.arange(tok.shape[0]), tok].set(True)
-    if "history" in state:
-        new["history"] = lax.dynamic_update_slice(state["history"], tok[:, None], (0, prompt_len + s))
-    return new
-
-
-@functools.partial(
-    jax.jit, static_argnames=("config", "dtype", "cache_len", "new_len", "repeats", "spec", "mesh")
-)
-def _start(
-    params: Params, ids: Array, mask: Array, keys: Array, live: Array, knobs: dict, ctl: dict, *,
-    config: GPTJConfig, dtype: Any, cache_len: int, new_len: int, repeats: int, spec: SamplingSpec, mesh: Any,
-) -> dict:
-    """Prefill ``ids/mask [B, P]``, repeat each row ``repeats`` times, sample the first token: the loop state.
-
-    keys ``[B*repeats, 2]``, live ``[B*repeats]`` (False for the rows that only fill the batch bucket).
-    """
-    TRACE_COUNTS["start"] += 1
-    logits, cache = _prefill(params, ids, mask, config, cache_len, dtype)  # [B, V]
-    logits, cache = _repeat_rows((logits, cache), repeats)
-    if mesh is not None:
-        from .sharding import cache_shardings
-
-        cache = lax.with_sharding_constraint(cache, cache_shardings(config, mesh, cache))
-    R = logits.shape[0]
-    state = {
-        "cache": cache,
-        "tokens": jnp.full((R, new_len), ctl["pad_id"], jnp.int32),
-        "n_new": jnp.zeros((R,), jnp.int32),
-        "done": ~live,
-        "last": jnp.zeros((R,), jnp.int32),
-        "step": jnp.zeros((), jnp.int32),
-        "keys": keys,
-    }
-    if spec.logprobs:
-        state["logprobs"] = jnp.zeros((R, new_len), jnp.float32)
-    if spec.repetition_penalty:
-        V = config.vocab_size
-        seen = jnp.zeros((ids.shape[0], V + 1), bool)
-        seen = seen.at[jnp.arange(ids.shape[0])[:, None], jnp.where(mask > 0, ids, V)].set(True)[:, :V]
-        state["seen"] = _repeat_rows(seen, repeats)  # [R, V]
-    if spec.no_repeat_ngram or spec.bad_words:
-        prompt = _repeat_rows(jnp.where(mask > 0, ids, -1).astype(jnp.int32), repeats)  # [R, P]
-        state["history"] = jnp.concatenate([prompt, jnp.full((R, new_len), -1, jnp.int32)], axis=1)  # [R, S]
-    return _record(state, logits, knobs, ctl, spec)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "spec"), donate_argnames=("state",))
-def _run(params: Params, state: dict, knobs: dict, ctl: dict, stop_at: Array, *, config: GPTJConfig, dtype: Any,
-         spec: SamplingSpec) -> dict:
-    """Decode until every row is done or ``state["step"] == stop_at`` (one ``lax.while_loop``)."""
-    TRACE_COUNTS["run"] += 1
-
-    def cond(st: dict) -> Array:
-        return (st["step"] < stop_at) & ~jnp.all(st["done"])
-
-    def body(st: dict) -> dict:
-        logits, cache = _forward_one(params, st["cache"], st["last"], config, dtype)
-        return _record(dict(st, cache=cache), logits, knobs, ctl, spec)
-
-    return lax.while_loop(cond, body, state)
 
 
 # ---------------------------------------------------------------------------------------- results
@@ -431,7 +331,8 @@ def generate(
       no_repeat_ngram_size: > 0 bans any token that would repeat an n-gram of the row (prompt included).
       bad_words_ids: token sequences never generated (``[[id], [id, id], ...]``); one-token entries equal to
         an EOS id are dropped, as in Transformers. Ids must be in ``[0, vocab_size)``.
-      num_beams: must be 1 (beam search is not run by this function).
+      num_beams: > 1 runs beam search (:func:`gptj_jax.beam.beam_search`: ``length_penalty``,
+        ``early_stopping``, ``num_return_sequences <= num_beams``; no sampling, stop strings or streaming).
       eos_token_id: one id or several (any number); None = ``config.eos_token_id``; ``[]`` = no EOS. Explicit
         ids must be in ``[0, vocab_size)``; a config EOS outside it (GPT-2's 50256 in a small model) is
         never produced.
@@ -460,8 +361,18 @@ def generate(
       tokenizer: needed for ``stop_strings``; GPT-J's tokenizer also turns on ``suppress_extra_tokens``.
       dtype: compute dtype (default: the dtype of the params' embedding); the cache uses it too.
 
-    Returns a :class:`GenerateOutput` whose ``sequences`` are ``[B * R, P + max_new_tokens]``.
+    Returns a :class:`GenerateOutput` whose ``sequences`` are ``[B * R, P + max_new_tokens]``; with
+    ``num_beams > 1``, :func:`gptj_jax.beam.beam_search`'s :class:`~gptj_jax.beam.BeamOutput` (the same
+    fields plus ``sequence_scores``; beam search does not stream: a ``streamer`` is an error).
     """
+    if resolve_config(generation_config, return_logprobs, **overrides).num_beams > 1:
+        from .beam import beam_search
+
+        return beam_search(
+            config, params, input_ids, attention_mask, generation_config, return_logprobs=return_logprobs,
+            mesh=mesh, streamer=streamer, tokenizer=tokenizer, dtype=dtype, stream_interval=stream_interval,
+            **overrides,
+        )
     stream = iter_generate(
         config, params, input_ids, attention_mask, generation_config, return_logprobs=return_logprobs, mesh=mesh,
         tokenizer=tokenizer, dtype=dtype, stream_interval=stream_interval if streamer is not None else None,
@@ -493,6 +404,8 @@ def iter_generate(
     ``None`` = one chunk at the end). The last chunk's ``output`` is the :class:`GenerateOutput`.
     Arguments are validated when this is called, before anything runs on the device.
     """
+    from .engine import plan_request
+
     # ---- validate everything before touching the device
     if not isinstance(config, GPTJConfig):
         raise GenerationError(f"config must be a GPTJConfig, got {type(config).__name__}")
@@ -503,7 +416,8 @@ def iter_generate(
         )
     if gc.num_beams > 1:
         raise GenerationError(
-            f"num_beams {gc.num_beams}: beam search is not run by generate; pass num_beams=1", "num_beams"
+            f"num_beams {gc.num_beams}: beam search does not stream (a beam's tokens are not final until the "
+            "search ends); call generate(..., num_beams=...) without a streamer, or pass num_beams=1", "num_beams"
         )
     if stream_interval is not None and (
         not isinstance(stream_interval, (int, np.integer)) or isinstance(stream_interval, bool) or stream_interval < 1
@@ -524,34 +438,18 @@ def iter_generate(
             f"prompt too long: row {row} has {longest} tokens + max_new_tokens {gc.max_new_tokens} = "
             f"{longest + gc.max_new_tokens} > the model's n_positions {config.n_positions}"
         )
-    eos = _eos_list(gc, config)
-    pad_id = _check_pad(gc, config, eos)
-    bad_words = bad_words_table(gc.bad_words_ids, eos, config.vocab_size)
-    if gc.stop_strings and tokenizer is None:
-        raise GenerationError(
-            "stop_strings need a tokenizer (pass tokenizer=...) to decode the generated text", "stop_strings"
-        )
-    suppress = gc.suppress_extra_tokens
-    if suppress is None:
-        suppress = config.vocab_size == VOCAB_SIZE and (tokenizer is None or is_gptj_tokenizer(tokenizer))
-    suppress = suppress and config.vocab_size > NUM_REAL_TOKENS
+    plan = plan_request(config, gc, tokenizer=tokenizer)  # EOS, pad, bad words, stop strings, suppression
     try:
-        embedding = params["transformer"]["wte"]["embedding"]
+        params["transformer"]["wte"]["embedding"]
     except (KeyError, TypeError):
         raise GenerationError("params are not a GPT-J causal-LM tree (no transformer/wte/embedding)") from None
-    if dtype is None:
-        dtype = np.dtype(embedding.dtype)
-        dtype = jnp.float32 if dtype == np.float64 else dtype
-    dtype = jnp.dtype(dtype)
-    if mesh is None:  # numpy leaves would be copied to the device at every call of the compiled functions
-        params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
     row_multiple = 1
     if mesh is not None:
         from . import sharding
 
         sharding.validate_config(config, mesh, "causal_lm")
         row_multiple = sharding.axis_size(mesh, sharding.logical_to_mesh(("batch",))[0])
-    job = _Job(gc, ids, mask, eos, pad_id, bad_words, suppress, tokenizer)
+    job = _Job(gc, ids, mask, plan, tokenizer)
     return _iterate(config, params, job, dtype, mesh, row_multiple, stream_interval)
 
 
@@ -562,109 +460,98 @@ class _Job:
     gc: GenerationConfig
     ids: np.ndarray  # [B, P_in] as given (or left-padded from a ragged list)
     mask: np.ndarray  # [B, P_in] 0/1
-    eos: tuple[int, ...]  # resolved EOS ids
-    pad_id: int
-    bad_words: Optional[np.ndarray]  # [W, M] (sampling.bad_words_table) or None
-    suppress: bool
+    plan: Any  # engine.RequestPlan: resolved EOS ids, pad id, bad-words table, suppression, sampling spec
     tokenizer: Any
+
+
+LOOKAHEAD = 2  # decode steps dispatched ahead of the host
+STOP_CHECK = 8  # without streaming, stop strings are checked every this many new tokens (and at the end)
 
 
 def _iterate(config: GPTJConfig, params: Params, job: _Job, dtype: Any, mesh: Any, row_multiple: int,
              stream_interval: Optional[int]) -> Iterator[StreamChunk]:
-    gc, ids, mask = job.gc, job.ids, job.mask
+    """Run the call on an :class:`~gptj_jax.engine.Engine` sized for it: ``B_b * R`` decode slots of
+    ``P_b + N_b`` cache slots; every prompt prefilled in one program and inserted at once; then decode steps,
+    dispatched ``LOOKAHEAD`` ahead of the host, until every row has ended."""
+    from .engine import Engine
+
+    gc, ids, mask, plan = job.gc, job.ids, job.mask, job.plan
     B, P_in = ids.shape
     max_new, repeats = gc.max_new_tokens, gc.num_return_sequences
-    longest = int(mask.sum(axis=1).max())
-    # ---- bucket: left-pad rows into [B_b, P_b]; rows >= B only fill the bucket and start done
+    lengths = mask.sum(axis=1)
+    longest = int(lengths.max())
+    # ---- buckets: prompts [B_b, P_b] (rows >= B only fill the bucket and start done), new tokens N_b
     P_b = bucket(longest, 8)
     B_b = bucket(B)
     B_b = -(-B_b // row_multiple) * row_multiple
     N_b = bucket(max_new, 8)
-    ids_b = np.full((B_b, P_b), SAFE_ID, np.int32)  # masked: never the pad id, which may lie outside the vocab
-    mask_b = np.zeros((B_b, P_b), np.int32)
-    for b in range(B_b):
-        src = b if b < B else 0
-        real = ids[src][mask[src].astype(bool)]
-        ids_b[b, P_b - len(real):] = real
-        mask_b[b, P_b - len(real):] = 1
     rows = B_b * repeats
-    live = np.arange(rows) < B * repeats
-    if isinstance(gc.seed, tuple):
-        keys = prompt_keys(gc.seed, repeats, rows)  # row b*R + r: fold_in(key(seed[b]), r)
-    else:
-        keys = row_keys(gc.seed, rows)  # row i: fold_in(key(seed), i)
-    sampling = SamplingParams.from_config(gc)
-    spec = sampling.spec(min_new_tokens=gc.min_new_tokens > 0 and bool(job.eos), suppress=job.suppress,
-                         logprobs=gc.logprobs, bad_words=job.bad_words is not None)
-    knobs = sampling.knobs()
-    eos = job.eos
-    eos_arr = np.full((max(EOS_SLOTS, 1 << (len(eos) - 1).bit_length() if eos else 0),), -1, np.int32)
-    eos_arr[: len(eos)] = eos  # [E]: 8 slots, or the next power of two above 8 ids
-    ctl = {
-        "max_new": jnp.asarray(max_new, jnp.int32),
-        "min_new": jnp.asarray(gc.min_new_tokens, jnp.int32),
-        "eos_ids": jnp.asarray(eos_arr),
-        "pad_id": jnp.asarray(job.pad_id, jnp.int32),
-        "suppress_from": jnp.asarray(NUM_REAL_TOKENS, jnp.int32),
-    }
-    if job.bad_words is not None:
-        ctl["bad_words"] = jnp.asarray(job.bad_words)  # [W, M]
-    ids_d, mask_d, live_d = jnp.asarray(ids_b), jnp.asarray(mask_b), jnp.asarray(live)
-    if mesh is not None:
-        from . import sharding
-
-        params = sharding.shard_params(params, mesh, config)
-        ids_d, mask_d = sharding.shard_batch(mesh, ids_b, mask_b)
-        (live_d,) = sharding.shard_batch(mesh, live)
-        keys = jax.device_put(keys, sharding.logical_sharding(mesh, ("batch", None)))
-
-    state = _start(
-        params, ids_d, mask_d, keys, live_d, knobs, ctl, config=config, dtype=dtype, cache_len=P_b + N_b,
-        new_len=N_b, repeats=repeats, spec=spec, mesh=mesh,
+    eos = plan.eos
+    eos_slots = max(EOS_SLOTS, 1 << (len(eos) - 1).bit_length() if eos else 0)  # 8, or the power of two above
+    engine = Engine(
+        config, params, max_slots=rows, max_len=P_b + N_b, dtype=dtype, mesh=mesh, eos_slots=eos_slots,
+        bad_words_capacity=(1, 1) if plan.bad_words is None else tuple(plan.bad_words.shape),
     )
-    stop_strings, tokenizer = list(gc.stop_strings), job.tokenizer
-    chunk = stream_interval
-    if chunk is None and stop_strings:
-        chunk = 8  # stop strings are checked on the host between chunks
-    stop_cut = np.full((rows,), -1, np.int64)  # index of the token that completed a stop string
+    prompts = np.zeros((B, longest), np.int64)  # each prompt's real tokens first
+    for b in range(B):
+        real = ids[b][mask[b].astype(bool)]
+        prompts[b, : len(real)] = real
+    state = engine.init_decode_state()
+    prefix = engine.prefill(engine.params, prompts, lengths, plan, rows=B_b)  # keys: generate's row keys
+    state = engine.insert(prefix, state, 0)
+    pending = collections.deque([(prefix.tokens, prefix.logprobs, prefix.done)])
+    del prefix
+    for x in jax.tree.leaves(pending[0]):
+        x.copy_to_host_async()
+
+    live = np.repeat(np.arange(B_b) < B, repeats)  # [rows]
     out_rows = B * repeats
-    emitted = 0
+    tokens = np.full((rows, max_new), plan.pad_id, np.int64)  # the pad id after a row ends
+    logprobs = np.zeros((rows, max_new), np.float32) if gc.logprobs else None
+    n_new = np.zeros((rows,), np.int64)
+    done = ~live  # host view: the row has ended (EOS, max_new_tokens or a stop string)
+    stop_cut = np.full((rows,), -1, np.int64)  # index of the token that completed a stop string
+    stop_strings, tokenizer = list(gc.stop_strings), job.tokenizer
+    check_every = stream_interval or STOP_CHECK
+    dispatched = columns = checked = emitted = 0
     while True:
-        step = int(state["step"])
-        ended = np.array(jax.device_get(state["done"])) | (stop_cut >= 0)
-        if step < max_new and not ended.all():
-            stop_at = max_new if chunk is None else min(max_new, (step // chunk + 1) * chunk)  # aligned chunks
-            state = _run(params, state, knobs, ctl, jnp.asarray(stop_at, jnp.int32), config=config, dtype=dtype,
-                         spec=spec)
-        # copies: the device buffers are donated to the next call
-        step = int(state["step"])
-        tokens = np.array(jax.device_get(state["tokens"]))
-        done = np.array(jax.device_get(state["done"]))
-        n_new = np.array(jax.device_get(state["n_new"]))
-        if stop_strings:
-            newly = _find_stop_strings(tokens, n_new, stop_cut, live, emitted, stop_strings, tokenizer, eos)
-            if newly:
-                hit = np.zeros((rows,), bool)
-                for r, cut in newly.items():
-                    stop_cut[r] = cut
-                    hit[r] = True
-                state["done"] = state["done"] | jnp.asarray(hit)
-        done = done | (stop_cut >= 0)
-        tokens, n_new_eff = _apply_cuts(tokens, n_new, stop_cut, job.pad_id)
-        finished = step >= max_new or bool(done.all())
+        while dispatched < max_new - 1 and len(pending) <= LOOKAHEAD and not done.all():
+            state, result = engine.generate(engine.params, state)
+            step = (result.tokens, result.logprobs, result.done)
+            for x in jax.tree.leaves(step):
+                x.copy_to_host_async()
+            pending.append(step)
+            dispatched += 1
+        tok, lp, ended = (None if x is None else np.asarray(x) for x in pending.popleft())
+        take = ~done  # rows still running get this column
+        tokens[take, columns] = tok[take]
+        if logprobs is not None:
+            logprobs[take, columns] = lp[take]
+        n_new += take
+        done = done | (take & ended)
+        columns += 1
+        if stop_strings and (columns % check_every == 0 or columns >= max_new or done.all()):
+            for r, cut in _find_stop_strings(tokens, n_new, stop_cut, live, checked, stop_strings, tokenizer,
+                                             eos).items():
+                stop_cut[r] = cut
+                done[r] = True
+            checked = columns
+        finished = columns >= max_new or bool(done.all())
+        if not finished and (stream_interval is None or columns % stream_interval):
+            continue
+        cut_tokens, n_new_eff = _apply_cuts(tokens, n_new, stop_cut, plan.pad_id)
         output = None
         if finished:
-            logprobs = None
-            if gc.logprobs:
-                logprobs = np.array(jax.device_get(state["logprobs"]))[:out_rows, :max_new]
+            lp_out = None
+            if logprobs is not None:
                 cols = np.arange(max_new)[None, :]
-                logprobs = np.where(cols < n_new_eff[:out_rows, None], logprobs, 0.0).astype(np.float32)
-            output = _assemble(ids, mask, P_in, tokens[:out_rows, :max_new], n_new_eff[:out_rows],
-                               stop_cut[:out_rows], eos, job.pad_id, repeats, logprobs)
+                lp_out = np.where(cols < n_new_eff[:out_rows, None], logprobs[:out_rows], 0.0).astype(np.float32)
+            output = _assemble(ids, mask, P_in, cut_tokens[:out_rows], n_new_eff[:out_rows], stop_cut[:out_rows], eos,
+                               plan.pad_id, repeats, lp_out)
         yield StreamChunk(
-            tokens[:out_rows, emitted:step], emitted, n_new_eff[:out_rows].copy(), done[:out_rows].copy(), output
+            cut_tokens[:out_rows, emitted:columns], emitted, n_new_eff[:out_rows].copy(), done[:out_rows].copy(), output
         )
-        emitted = step
+        emitted = columns
         if finished:
             return
 

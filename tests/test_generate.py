@@ -17,7 +17,7 @@ import torch
 from conftest import TINY, hf_model, left_padded_batch, params_of
 
 from gptj_jax import GenerationConfig, GPTJConfig, GPTJForCausalLM
-from gptj_jax import generation as generate_mod
+from gptj_jax import engine as engine_mod
 from gptj_jax.cli import main as cli_main
 from gptj_jax.generation import (
     TRACE_COUNTS,
@@ -263,18 +263,21 @@ def test_second_call_in_same_bucket_does_not_retrace(tiny):
     ids, mask, _ = left_padded_batch(TINY.vocab_size, [9, 10], seed=4)
     generate(TINY, params, ids, mask, max_new_tokens=20, temperature=0.7, seed=1, **kw)
     before = dict(TRACE_COUNTS)
-    sizes = generate_mod._start._cache_size(), generate_mod._run._cache_size()
+    # generate() runs on the engine: these are every jitted program it calls
+    programs = (engine_mod._init_state_fn, engine_mod._prefill_fn, engine_mod._first_token_fn,
+                engine_mod._insert_fn, engine_mod._step_fn)
+    sizes = [f._cache_size() for f in programs]
     # same buckets (prompt 12, batch 2, new tokens 24, top-k 32), other lengths, values and seed
     ids, mask, _ = left_padded_batch(TINY.vocab_size, [11, 4], seed=5)
     out = generate(TINY, params, ids, mask, max_new_tokens=17, temperature=1.3, seed=9, min_p=0.0,
                    **dict(kw, top_k=30, top_p=0.5, eos_token_id=[7]))
     assert out.sequences.shape == (2, 11 + 17)
     assert dict(TRACE_COUNTS) == before
-    assert (generate_mod._start._cache_size(), generate_mod._run._cache_size()) == sizes
+    assert [f._cache_size() for f in programs] == sizes
     # a new prompt bucket does compile (the counter works)
     ids, mask, _ = left_padded_batch(TINY.vocab_size, [13, 2], seed=6)
     generate(TINY, params, ids, mask, max_new_tokens=17, temperature=1.3, **kw)
-    assert TRACE_COUNTS["start"] == before["start"] + 1
+    assert TRACE_COUNTS["engine.prefill"] == before["engine.prefill"] + 1
 
 
 def test_buckets():
@@ -808,3 +811,22 @@ def test_cli_output_torn_last_line_is_cut_with_a_warning(capsys, tmp_path, model
     text = dst.read_text()
     assert rc == 0 and "warning" not in err and text.startswith(first)
     assert [json.loads(l)["id"] for l in text.splitlines()] == [0, 1]
+
+
+def test_num_beams_runs_beam_search_and_refuses_streaming(tiny):
+    """generate(num_beams > 1) is gptj_jax.beam_search (same tokens and scores); streaming beams is one clear
+    error, from generate(streamer=...) and from iter_generate."""
+    import gptj_jax
+
+    _, params = tiny
+    ids, mask, _ = left_padded_batch(TINY.vocab_size, [6, 3], seed=2)
+    kw = dict(max_new_tokens=8, num_beams=3, length_penalty=0.5, num_return_sequences=2, eos_token_id=[])
+    out = generate(TINY, params, ids, mask, **kw)
+    ref = gptj_jax.beam_search(TINY, params, ids, mask, **kw)
+    np.testing.assert_array_equal(out.sequences, ref.sequences)
+    np.testing.assert_array_equal(out.sequence_scores, ref.sequence_scores)
+    assert out.sequences.shape == (4, ids.shape[1] + 8)
+    with pytest.raises(GenerationError, match="beam search does not stream"):
+        generate(TINY, params, ids, mask, streamer=print, **kw)
+    with pytest.raises(GenerationError, match="num_beams 3: beam search does not stream"):
+        iter_generate(TINY, params, ids, mask, **kw)
