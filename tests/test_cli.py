@@ -18,7 +18,7 @@ import pytest
 from gptj_jax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VERBS = ("tokenizer-save", "prepare", "train", "eval", "convert", "generate", "plan")
+VERBS = ("tokenizer-save", "prepare", "train", "eval", "convert", "generate", "plan", "lm-eval", "serve")
 HEAVY = ("jax", "jaxlib", "flax", "optax", "orbax", "transformers", "torch", "safetensors", "tqdm")
 
 # Run in a fresh interpreter: time `from gptj_jax.cli import main` + `main(argv)` and list the heavy

@@ -6,8 +6,10 @@ sub-parser, a function that runs it and returns the exit code) exported by one m
     convert.py      convert          checkpoint conversion (gptj_jax.convert)
     generate.py     generate         one prompt, or a JSONL file of prompts (gptj_jax.generation, gptj_jax.batch)
     plan.py         plan             per-device memory and FLOPs on a mesh (gptj_jax.plan)
+    lm_eval.py      lm-eval          lm-evaluation-harness tasks (gptj_jax.eval_harness)
     train.py        prepare, train, eval   fine-tuning (gptj_jax.train)
     tokenizer.py    tokenizer-save   GPT-J's tokenizer as HF files (gptj_jax.tokenizer)
+    serve.py        serve            OpenAI-compatible HTTP server on the engine (gptj_jax.serve)
 
 To add a verb, write its module (flags only at the top; the library imported inside ``run``, so
 ``gptj-jax --help`` imports no jax) and add it to ``COMMANDS``. The verbs parse flags, call the library
@@ -22,7 +24,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from gptj_jax.cli import convert, generate, plan, tokenizer, train
+from gptj_jax.cli import convert, generate, lm_eval, plan, serve, tokenizer, train
 from gptj_jax.cli.command import Command
 
 COMMANDS: dict[str, Command] = {
@@ -33,6 +35,8 @@ COMMANDS: dict[str, Command] = {
     "convert": convert.COMMAND,
     "generate": generate.COMMAND,
     "plan": plan.COMMAND,
+    "lm-eval": lm_eval.COMMAND,
+    "serve": serve.COMMAND,
 }
 
 

@@ -90,11 +90,16 @@ class TrainConfig:
     tpu_size: Optional[int] = _key(None, "ignored: the device count comes from JAX (mtj: TPU cores)", mtj=True)
     bucket: Optional[str] = _key(None, "ignored: mtj's GCS bucket (`model_dir` can be any path orbax writes)",
                                  mtj=True)
-    eval_harness_tasks: list = _key([], "ignored: lm-eval-harness tasks run by mtj", mtj=True)
+    eval_harness_tasks: list = _key([], "lm-eval tasks run in-process on the current params every `val_every` steps "
+                                    "(rows `harness_<task>_<metric>`; needs the `[eval]` extra)", mtj=True)
     wandb_project: Optional[str] = _key(None, "ignored: logging goes to metrics.jsonl and TensorBoard", mtj=True)
     comment: Optional[str] = _key(None, "free text", mtj=True)
 
     # ---- our keys
+    eval_harness_limit: Optional[int] = _key(None, "at most this many documents per `eval_harness_tasks` task (null: "
+                                             "all)")
+    eval_harness_include_path: Optional[str] = _key(None, "a directory of extra lm-eval task YAML files for "
+                                                    "`eval_harness_tasks`")
     model: Optional[str] = _key(None, "start from a checkpoint (anything `gptj_jax.load` reads): a hub id `owner/name`, HF or "
                                 "HF Flax directory, gptj-jax checkpoint or run directory (newest step), or an mtj "
                                 "checkpoint (its shape comes from the mtj shape keys); null: a random init")
@@ -359,6 +364,11 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         raise TrainConfigError(f"{source}: key 'dropout' must be in [0, 1), got {cfg.dropout}")
     if cfg.peak_flops is not None and cfg.peak_flops <= 0:
         raise TrainConfigError(f"{source}: key 'peak_flops' must be > 0, got {cfg.peak_flops}")
+    if not all(isinstance(t, str) and t.strip() for t in cfg.eval_harness_tasks):
+        raise TrainConfigError(f"{source}: key 'eval_harness_tasks' must be a list of task names, got "
+                               f"{cfg.eval_harness_tasks!r}")
+    if cfg.eval_harness_limit is not None and cfg.eval_harness_limit <= 0:
+        raise TrainConfigError(f"{source}: key 'eval_harness_limit' must be > 0, got {cfg.eval_harness_limit}")
 
 
 def mesh_sizes(cfg: TrainConfig) -> dict[str, int]:

@@ -151,6 +151,23 @@ def _steps(scfg: step_lib.StepConfig, mesh: Any, ocfg: OptimizerConfig) -> tuple
     return optimizer, schedule, shardings, train_step, eval_step
 
 
+def _harness(cfg: TrainConfig, model_cfg: GPTJConfig, mesh: Any, batch_size: int) -> Any:
+    """The ``eval_harness_tasks`` runner (``gptj_jax.eval_harness``), its tasks and tokenizer checked now."""
+    try:
+        from gptj_jax.eval_harness import EvalHarnessError, TrainingHarness
+    except ImportError as e:
+        raise TrainConfigError(f"key 'eval_harness_tasks' needs lm-evaluation-harness ({e}): "
+                               "pip install 'gptj-jax[eval]'") from None
+    from gptj_jax.tokenizer import load_tokenizer
+
+    try:
+        return TrainingHarness(cfg.eval_harness_tasks, config=model_cfg, tokenizer=load_tokenizer(cfg.model),
+                               mesh=mesh, dtype=cfg.dtype, batch_size=batch_size, limit=cfg.eval_harness_limit,
+                               include_path=cfg.eval_harness_include_path)
+    except EvalHarnessError as e:
+        raise TrainConfigError(f"key 'eval_harness_tasks': {e}") from None
+
+
 class _Stopper:
     """SIGTERM / SIGINT set a flag the loop checks after each step; a second Ctrl-C interrupts at once."""
 
@@ -312,6 +329,8 @@ def train(cfg: TrainConfig) -> dict:
     else:
         model_cfg = model_config_for(cfg)
 
+    harness = _harness(cfg, model_cfg, mesh, micro) if cfg.eval_harness_tasks else None
+
     # ---- data
     train_records = data_lib.TokenRecords(cfg.train_set, key="train_set")
     data_lib.check_records(train_records, cfg.seq, "train_set")
@@ -443,6 +462,8 @@ def train(cfg: TrainConfig) -> dict:
                 bar.update(1)
                 if step % cfg.val_every == 0 and val_records:
                     run_eval(step)
+                if step % cfg.val_every == 0 and harness is not None:  # every process takes part
+                    logger.write({"step": step, **harness.run(state["params"])})
                 if stopper.signal is not None:
                     save(step, force=True)
                     summary["stopped_by"] = stopper.signal
