@@ -17,10 +17,19 @@ Steps:
 
 CPU compilation is a proxy for TPU / GPU: XLA's CPU backend fuses differently and may upcast
 bfloat16 matmuls, so temporaries are an estimate; params, optimizer state and cache are exact.
+``--compile-for v5e-1`` (:func:`tpu_devices`) compiles the same steps with libtpu's XLA:TPU for a TPU
+topology's abstract devices instead (deviceless: no TPU needed); its ``memory_analysis()`` is what the
+chip will hold, and a program that does not fit is refused at compile time (reported as such).
 
     n = check_mesh(config, sizes, batch, seq, train=True)      # everything checked, no device made yet
     plan = make_plan(config, sizes, batch, seq, train=True, devices=simulated_devices(n))
+    plan = make_plan(config, sizes, batch, seq, devices=tpu_devices("v5e-1"), target="v5e-1")
     print(format_plan(plan))                                    # or plan_dict(plan) (JSON); fits_table(plan)
+
+The hardware table (:data:`CHIPS`, :data:`HOSTS`: memory, bf16 / int8 peaks and bandwidth per device,
+sources in comments) and the analytic hardware x mode table (:func:`modes_table`: bf16 / int8 inference,
+full fine-tuning, LoRA, QLoRA; fits, the largest batch x context, batch-1 decode tokens/s) need no
+compilation (``plan --modes``).
 """
 
 from __future__ import annotations

@@ -306,3 +306,13 @@ def test_plan_mode_errors_are_one_line(config_file, capsys, argv, message):
     assert code == 1
     assert message in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_choices_are_the_planner_tables():
+    # cli/plan.py repeats the names so that `gptj-jax plan --help` imports no jax: they must stay the same.
+    from gptj_jax import plan
+    from gptj_jax.cli import plan as cli_plan
+
+    assert cli_plan.TPU_TARGETS == plan.TPU_TARGETS == ("v2-8", "v3-8", "v4-8", "v5e-1", "v5e-4", "v5e-8", "v6e-1",
+                                                        "v6e-8", "v5p-8")
+    assert cli_plan.MODES == tuple(plan.MODES)
