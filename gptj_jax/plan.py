@@ -889,6 +889,8 @@ def format_modes(table: dict[str, Any], config_name: str = "") -> str:
         "Cells: rows x context tokens (training: global rows, split over the devices); 'only': the full context "
         "does not fit, this shorter one does at the fewest rows; 'no': per-device need at the fewest rows. "
         "Decode tokens/s = devices x bandwidth / weight bytes read per token, an upper bound (the KV cache "
-        "read and communication add to it). T4 has no bfloat16: use float16, same bytes.",
+        "read and communication add to it). T4 has no bfloat16: use float16, same bytes. Training needs are "
+        "state + an activation estimate, a lower bound: XLA may keep more live (GPT-J-6B full fine-tuning on a "
+        "v5e-8: 13.65 GiB analytic, 27.14 GiB compiled); `--compile-for` a TPU gives XLA:TPU's figure.",
     ]
     return "\n".join(lines)
