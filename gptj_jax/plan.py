@@ -114,19 +114,22 @@ def analytic_flops(config: Any, batch: int, seq: int, train: bool) -> float:
 
 
 def activation_estimate(config: Any, mesh: dict[str, int], batch: int, seq: int, train: bool, itemsize: int,
-                        remat: str) -> int:
+                        remat: str, loss_block_size: int = 0) -> int:
     """Rough per-device activation bytes (the cross-check for the compiled temporaries).
 
     Per block and local row, the forward keeps about ``T x (10 D + 2 F/mp) x itemsize`` (LN output,
     q/k/v, context, attention output, MLP in/out) plus float32 scores and probabilities
     ``2 x N/mp x T x T x 4``. Training without remat keeps every block's; with remat one block's plus
-    each block's input. Inference holds one block's at a time.
+    each block's input. Inference holds one block's at a time. Training's float32 logits, their
+    exponentials and their gradient are ``3 x T x V/mp x 4`` per row, or one ``loss_block_size``-column
+    block of each with the blockwise loss.
     """
     rows = max(batch // (mesh["dp"] * mesh["fsdp"]), 1)
     mp = mesh["mp"]
     d, f, n = config.n_embd, config.inner_dim, config.n_head
     per_block = rows * seq * ((10 * d + 2 * f // mp) * itemsize + 2 * (n // mp) * seq * 4)
-    logits = rows * seq * (config.vocab_size // mp) * 4 * (3 if train else 1)
+    cols = min(loss_block_size, config.vocab_size // mp) if train and loss_block_size else config.vocab_size // mp
+    logits = rows * seq * cols * 4 * (3 if train else 1)
     if not train:
         return per_block + rows * (config.vocab_size // mp) * 4
     if remat == "none":
@@ -190,7 +193,7 @@ def inference_steps(config: Any, mesh: Any, batch: int, seq: int, dtype: Any, pa
 
 
 def train_steps(config: Any, mesh: Any, batch: int, seq: int, dtype: str, param_dtype: Any, remat: str,
-                grad_accum: int, forward: str) -> tuple[list[StepMemory], dict[str, int]]:
+                grad_accum: int, forward: str, loss_block_size: int = 0) -> tuple[list[StepMemory], dict[str, int]]:
     """Compile the fine-tuning step of ``gptj_jax.train.step`` on an abstract train state and batch."""
     import jax
     import jax.numpy as jnp
@@ -199,7 +202,8 @@ def train_steps(config: Any, mesh: Any, batch: int, seq: int, dtype: str, param_
     from gptj_jax.train import step as train_step
     from gptj_jax.train.optimizer import mtj_optimizer, mtj_schedule
 
-    cfg = train_step.StepConfig(model=config, dtype=dtype, remat=remat, forward=forward, grad_accum=grad_accum)
+    cfg = train_step.StepConfig(model=config, dtype=dtype, remat=remat, forward=forward, grad_accum=grad_accum,
+                                loss_block_size=loss_block_size)
     schedule = mtj_schedule(warmup_steps=100, anneal_steps=1000, lr=1e-5, end_lr=1e-6)
     optimizer = mtj_optimizer(lr_schedule=schedule, weight_decay=0.1, gradient_accumulation_steps=grad_accum)
     shardings = train_step.state_shardings(cfg, mesh, optimizer, param_dtype)
@@ -250,10 +254,12 @@ def make_plan(
     forward: str = "gspmd",
     config_name: str = "",
     devices: Optional[list] = None,
+    loss_block_size: Optional[int] = None,
 ) -> Plan:
     """Build the mesh on the (simulated) devices, compile the steps, and collect the numbers.
 
     ``param_dtype`` defaults to float32 for training (master weights) and to ``dtype`` for inference.
+    ``loss_block_size``: the train step's (None: the train config's default; 0: full logits).
     """
     import jax
     import jax.numpy as jnp
@@ -266,11 +272,16 @@ def make_plan(
     sh.validate_config(config, mesh)
     sh.check_batch(mesh, batch)
     itemsize = jnp.dtype(dtype).itemsize
+    if loss_block_size is None:
+        from gptj_jax.train.config import TrainConfig
+
+        loss_block_size = TrainConfig.__dataclass_fields__["loss_block_size"].default
     if train:
-        steps, analytic = train_steps(config, mesh, batch, seq, dtype, jnp.dtype(param_dtype), remat, grad_accum, forward)
+        steps, analytic = train_steps(config, mesh, batch, seq, dtype, jnp.dtype(param_dtype), remat, grad_accum, forward,
+                                      loss_block_size)
     else:
         steps, analytic = inference_steps(config, mesh, batch, seq, jnp.dtype(dtype), jnp.dtype(param_dtype))
-    analytic["activations"] = activation_estimate(config, sizes, batch, seq, train, itemsize, remat)
+    analytic["activations"] = activation_estimate(config, sizes, batch, seq, train, itemsize, remat, loss_block_size)
     notes = [f"compiled for {jax.device_count()} simulated {jax.devices()[0].platform.upper()} devices"]
     return Plan(
         config_name=config_name, mesh=sizes, batch=batch, seq=seq, train=train, dtype=dtype,
