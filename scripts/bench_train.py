@@ -231,9 +231,10 @@ def profile_torch(step, vocab: int, seq: int, steps: int) -> dict:
 
 
 def write_section(path: str, section: str) -> None:
-    """Replace (or append) the ``SECTION`` section of ``path``, keeping every other section."""
+    """Replace (or append) the section of ``path`` headed by ``section``'s first line, keeping every other one."""
     text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    heading = section.splitlines()[0]
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: section, text)
     else:
