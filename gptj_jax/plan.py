@@ -221,19 +221,22 @@ def analytic_flops(config: Any, batch: int, seq: int, train: bool) -> float:
 
 
 def activation_estimate(config: Any, mesh: dict[str, int], batch: int, seq: int, train: bool, itemsize: int,
-                        remat: str) -> int:
+                        remat: str, loss_block_size: int = 0) -> int:
     """Rough per-device activation bytes (the cross-check for the compiled temporaries).
 
     Per block and local row, the forward keeps about ``T x (10 D + 2 F/mp) x itemsize`` (LN output,
     q/k/v, context, attention output, MLP in/out) plus float32 scores and probabilities
     ``2 x N/mp x T x T x 4``. Training without remat keeps every block's; with remat one block's plus
-    each block's input. Inference holds one block's at a time.
+    each block's input. Inference holds one block's at a time. Training's float32 logits, their
+    exponentials and their gradient are ``3 x T x V/mp x 4`` per row, or one ``loss_block_size``-column
+    block of each with the blockwise loss.
     """
     rows = max(batch // (mesh["dp"] * mesh["fsdp"]), 1)
     mp = mesh["mp"]
     d, f, n = config.n_embd, config.inner_dim, config.n_head
     per_block = rows * seq * ((10 * d + 2 * f // mp) * itemsize + 2 * (n // mp) * seq * 4)
-    logits = rows * seq * (config.vocab_size // mp) * 4 * (3 if train else 1)
+    cols = min(loss_block_size, config.vocab_size // mp) if train and loss_block_size else config.vocab_size // mp
+    logits = rows * seq * cols * 4 * (3 if train else 1)
     if not train:
         return per_block + rows * (config.vocab_size // mp) * 4
     if remat == "none":
@@ -323,7 +326,7 @@ def inference_steps(config: Any, mesh: Any, batch: int, seq: int, dtype: Any, pa
 
 
 def train_steps(config: Any, mesh: Any, batch: int, seq: int, dtype: str, param_dtype: Any, remat: str,
-                grad_accum: int, forward: str) -> tuple[list[StepMemory], dict[str, int]]:
+                grad_accum: int, forward: str, loss_block_size: int = 0) -> tuple[list[StepMemory], dict[str, int]]:
     """Compile the fine-tuning step of ``gptj_jax.train.step`` on an abstract train state and batch."""
     import jax
     import jax.numpy as jnp
@@ -332,7 +335,8 @@ def train_steps(config: Any, mesh: Any, batch: int, seq: int, dtype: str, param_
     from gptj_jax.train import step as train_step
     from gptj_jax.train.optimizer import mtj_optimizer, mtj_schedule
 
-    cfg = train_step.StepConfig(model=config, dtype=dtype, remat=remat, forward=forward, grad_accum=grad_accum)
+    cfg = train_step.StepConfig(model=config, dtype=dtype, remat=remat, forward=forward, grad_accum=grad_accum,
+                                loss_block_size=loss_block_size)
     schedule = mtj_schedule(warmup_steps=100, anneal_steps=1000, lr=1e-5, end_lr=1e-6)
     optimizer = mtj_optimizer(lr_schedule=schedule, weight_decay=0.1, gradient_accumulation_steps=grad_accum)
     shardings = train_step.state_shardings(cfg, mesh, optimizer, param_dtype)
@@ -385,6 +389,7 @@ def make_plan(
     devices: Optional[list] = None,
     target: str = "",
     mode: Optional[str] = None,
+    loss_block_size: Optional[int] = None,
 ) -> Plan:
     """Build the mesh on the (simulated) devices, compile the steps, and collect the numbers.
 
@@ -392,7 +397,8 @@ def make_plan(
     ``devices``: simulated CPU devices (:func:`simulated_devices`) or abstract TPU devices
     (:func:`tpu_devices`, then ``target`` is their :data:`HOSTS` key). ``mode``: one of :data:`MODES`
     with a compiled step in :data:`STEP_BUILDERS` (default: ``"full"`` with ``train``, else ``"bf16"``,
-    i.e. inference in ``dtype``).
+    i.e. inference in ``dtype``). ``loss_block_size``: the train step's (None: the train config's
+    default; 0: full logits).
     """
     import jax.numpy as jnp
 
@@ -406,9 +412,12 @@ def make_plan(
     sh.validate_config(config, mesh)
     sh.check_batch(mesh, batch)
     itemsize = jnp.dtype(dtype).itemsize
+    if loss_block_size is None:
+        loss_block_size = default_loss_block_size()
     steps, analytic = STEP_BUILDERS[mode](config, mesh, batch, seq, dtype=dtype, param_dtype=jnp.dtype(param_dtype),
-                                          remat=remat, grad_accum=grad_accum, forward=forward)
-    analytic["activations"] = activation_estimate(config, sizes, batch, seq, train, itemsize, remat)
+                                          remat=remat, grad_accum=grad_accum, forward=forward,
+                                          loss_block_size=loss_block_size)
+    analytic["activations"] = activation_estimate(config, sizes, batch, seq, train, itemsize, remat, loss_block_size)
     used = list(mesh.devices.flat)
     if target:
         notes = [f"compiled by XLA:TPU (libtpu, no TPU attached) for {host_by_key(target).name}: {len(used)} x "
@@ -449,8 +458,8 @@ def _inference_builder(config: Any, mesh: Any, batch: int, seq: int, *, dtype: s
 
 
 def _train_builder(config: Any, mesh: Any, batch: int, seq: int, *, dtype: str, param_dtype: Any, remat: str,
-                   grad_accum: int, forward: str) -> tuple[list[StepMemory], dict[str, int]]:
-    return train_steps(config, mesh, batch, seq, dtype, param_dtype, remat, grad_accum, forward)
+                   grad_accum: int, forward: str, loss_block_size: int = 0) -> tuple[list[StepMemory], dict[str, int]]:
+    return train_steps(config, mesh, batch, seq, dtype, param_dtype, remat, grad_accum, forward, loss_block_size)
 
 
 STEP_BUILDERS: dict[str, Callable[..., tuple[list[StepMemory], dict[str, int]]]] = {
@@ -732,6 +741,13 @@ def decode_read_bytes(config: Any, scheme: str, int8_embeddings: bool = False) -
     return weight_bytes(config, scheme, int8_embeddings) - emb
 
 
+def default_loss_block_size() -> int:
+    """The train config's default ``loss_block_size`` (the blockwise cross entropy's vocabulary block)."""
+    from gptj_jax.train.config import TrainConfig
+
+    return TrainConfig.__dataclass_fields__["loss_block_size"].default
+
+
 def mode_memory(config: Any, mode: str, batch: int, seq: int, *, devices: int = 1, lora_rank: int = 8,
                 remat: str = "full", int8_embeddings: bool = False) -> dict[str, int]:
     """Per-device bytes of ``mode`` (a :data:`MODES` key) at ``batch`` rows x ``seq`` tokens on ``devices``
@@ -752,7 +768,8 @@ def mode_memory(config: Any, mode: str, batch: int, seq: int, *, devices: int = 
     if batch % devices:
         raise ValueError(f"batch {batch} does not split over {devices} devices")
     n = config.num_params("causal_lm")
-    activations = activation_estimate(config, {"dp": 1, "fsdp": devices, "mp": 1}, batch, seq, True, 2, remat)
+    activations = activation_estimate(config, {"dp": 1, "fsdp": devices, "mp": 1}, batch, seq, True, 2, remat,
+                                      default_loss_block_size())
     if mode == "full":
         return {"weights": 4 * n // devices, "grads": 4 * n // devices, "opt_state": 8 * n // devices,
                 "activations": activations}

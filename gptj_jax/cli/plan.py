@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per training step")
     parser.add_argument("--forward", default="gspmd", choices=("gspmd", "shard_map"),
                         help="training forward: XLA-partitioned or the explicit shard_map one")
+    parser.add_argument("--loss-block-size", type=int, default=None,
+                        help="training loss in blocks of this many vocabulary columns (default: the train config's "
+                        "loss_block_size; 0: full logits)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of markdown")
     parser.add_argument("--compile-for", default=None, choices=TPU_TARGETS, metavar="TPU",
                         help="compile for this TPU host's topology with libtpu (no TPU needed; pip install "
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_lib.make_plan(
         config, sizes, args.batch, args.seq, train=train, dtype=args.dtype, param_dtype=args.param_dtype,
         remat=args.remat or "none", grad_accum=args.grad_accum, forward=args.forward, config_name=str(args.config),
-        devices=devices, target=args.compile_for or "", mode=mode,
+        devices=devices, target=args.compile_for or "", mode=mode, loss_block_size=args.loss_block_size,
     )
     if args.json:
         import json

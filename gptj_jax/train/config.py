@@ -114,6 +114,9 @@ class TrainConfig:
                                     "model's; mtj trained GPT-J without dropout)")
     z_loss: float = _key(0.0, "coefficient of mtj's z-loss (mtj used 1e-4): adds "
                          "`z * log(sum(exp(logits - max)))^2` per token")
+    loss_block_size: int = _key(8192, "cross entropy in blocks of this many vocabulary columns (forward and backward "
+                                "recompute each block's logits), so the `[batch, seq, n_vocab]` logits are never "
+                                "held; same loss and gradients; 0: full logits")
     seed: int = _key(0, "seed of the random init, the data order and dropout")
     shuffle: bool = _key(True, "shuffle training records (per epoch, from `seed`)")
     data_workers: int = _key(0, "grain worker processes reading records (0: in the main process)")
@@ -324,7 +327,7 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         value = getattr(cfg, key)
         if value is not None and value <= 0:
             raise TrainConfigError(f"{source}: key {key!r} must be > 0, got {value}")
-    for key in ("warmup_steps", "data_workers"):
+    for key in ("warmup_steps", "data_workers", "loss_block_size"):
         if getattr(cfg, key) < 0:
             raise TrainConfigError(f"{source}: key {key!r} must be >= 0, got {getattr(cfg, key)}")
     for key in ("lr", "weight_decay", "z_loss", "clip_norm"):

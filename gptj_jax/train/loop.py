@@ -339,7 +339,7 @@ def train(cfg: TrainConfig) -> dict:
         mngr.close()
         raise
     param_dtype = DTYPES[cfg.param_dtype]
-    scfg = step_lib.StepConfig(model_cfg, cfg.dtype, cfg.remat, cfg.forward, cfg.z_loss, k)
+    scfg = step_lib.StepConfig(model_cfg, cfg.dtype, cfg.remat, cfg.forward, cfg.z_loss, k, cfg.loss_block_size)
     try:
         optimizer, schedule, shardings, train_step, eval_step = _steps(scfg, mesh, OptimizerConfig.from_train_config(cfg))
     except ValueError as e:

@@ -13,10 +13,12 @@ The micro-batch gradients are summed in float32 by a ``lax.scan`` and the optimi
 mtj's chain) divides by k.
 
 Loss per token: ``losses.token_cross_entropy`` (float32), plus mtj's optional z-loss
-``z * log(sum(exp(l - max(l))))^2``. Two forwards: ``gspmd`` (the linen model under jit; XLA places the
-collectives from the param and batch shardings) and ``shard_map`` (``tp.shard_map_loss``: the explicit
-Megatron forward; logits stay split over the vocabulary on ``mp`` and the loss is vocab-parallel: one
-``pmax`` and one ``psum`` over ``mp``, never gathering V).
+``z * log(sum(exp(l - max(l))))^2``. With ``loss_block_size > 0`` it is ``losses.blockwise_cross_entropy``
+on the final hidden states and the ``lm_head`` params instead: the same numbers (to float32 rounding)
+without ever holding the ``[b, seq, V]`` logits. Two forwards: ``gspmd`` (the linen model under jit; XLA
+places the collectives from the param and batch shardings) and ``shard_map`` (``tp.shard_map_loss``: the
+explicit Megatron forward; logits stay split over the vocabulary on ``mp`` and the loss is vocab-parallel:
+one ``pmax`` and one ``psum`` over ``mp``, never gathering V).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import dataclasses
 import functools
 from typing import Any, Callable, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -35,8 +38,8 @@ from jax.sharding import PartitionSpec as P
 from gptj_jax import sharding as sh
 from gptj_jax.config import GPTJConfig
 from gptj_jax.dtypes import DTYPES
-from gptj_jax.losses import token_cross_entropy
-from gptj_jax.model import model_for
+from gptj_jax.losses import blockwise_cross_entropy, token_cross_entropy
+from gptj_jax.model import GPTJModel, model_for
 
 Array = jax.Array
 
@@ -51,6 +54,11 @@ class StepConfig:
     forward: str = "gspmd"  # or "shard_map"
     z_loss: float = 0.0
     grad_accum: int = 1
+    loss_block_size: int = 0  # > 0: blockwise cross entropy over this many vocabulary columns at a time
+
+    def __post_init__(self) -> None:
+        if self.loss_block_size < 0:
+            raise ValueError(f"loss_block_size must be >= 0 (0: full logits), got {self.loss_block_size}")
 
     @property
     def deterministic(self) -> bool:
@@ -59,9 +67,43 @@ class StepConfig:
 
 
 # ---------------------------------------------------------------------------------------- losses
+class _CausalLMTrunk(nn.Module):
+    """``GPTJForCausalLM`` without its ``lm_head`` matmul: the final hidden states ``[B, T, D]`` float32.
+
+    Its ``GPTJModel`` sits at the same scope (``transformer``) as in the causal LM, so it takes the same
+    params and draws the same dropout masks.
+    """
+
+    config: GPTJConfig
+    dtype: Any = jnp.float32
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(self, input_ids: Array, deterministic: bool) -> Array:
+        model = GPTJModel(self.config, self.dtype, remat_policy=self.remat_policy, name="transformer")
+        return model(input_ids, deterministic=deterministic).last_hidden_state
+
+
 def make_loss_fn(cfg: StepConfig, mesh: Mesh) -> Callable[[Any, Array, Array], tuple[Array, dict]]:
     """``loss(params, tokens [b, seq+1] int32, rng) -> (mean ce + mean z, {"ce", "z"})`` for one micro-batch."""
     dtype = DTYPES[cfg.dtype]
+    if cfg.forward == "gspmd" and cfg.loss_block_size:
+        trunk = _CausalLMTrunk(cfg.model, dtype, cfg.remat)
+        vocab_shards = sh.axis_size(mesh, sh.logical_to_mesh(("vocab",))[0])
+
+        def blockwise_loss(params, tokens, rng):
+            inputs, targets = tokens[:, :-1], tokens[:, 1:]
+            rngs = None if cfg.deterministic else {"dropout": rng}
+            variables = {"params": {"transformer": params["transformer"]}}
+            h = trunk.apply(variables, inputs, cfg.deterministic, rngs=rngs)  # [b, seq, D] float32
+            head = params["lm_head"]
+            ce, z, _ = blockwise_cross_entropy(
+                h.astype(dtype), head["kernel"], head["bias"], targets, block_size=cfg.loss_block_size,
+                z_loss=cfg.z_loss, vocab_shards=vocab_shards,
+            )
+            return jnp.mean(ce) + jnp.mean(z), {"ce": jnp.mean(ce), "z": jnp.mean(z)}
+
+        return blockwise_loss
     if cfg.forward == "gspmd":
         module = model_for(cfg.model, "causal_lm", dtype=dtype, remat_policy=cfg.remat)
 
@@ -80,7 +122,9 @@ def make_loss_fn(cfg: StepConfig, mesh: Mesh) -> Callable[[Any, Array, Array], t
         raise ValueError("forward=shard_map has no dropout: set resid_pdrop, embd_pdrop and attn_pdrop to 0 or use forward=gspmd")
     if cfg.remat != "none":
         raise ValueError(f"forward=shard_map does not rematerialise (remat={cfg.remat!r}): use remat=none or forward=gspmd")
-    sharded = tpmod.shard_map_loss(cfg.model, mesh, dtype, sh.DEFAULT_RULES, z_loss=cfg.z_loss, ignore_index=None)
+    sharded = tpmod.shard_map_loss(
+        cfg.model, mesh, dtype, sh.DEFAULT_RULES, z_loss=cfg.z_loss, ignore_index=None, block_size=cfg.loss_block_size
+    )
 
     def loss(params, tokens, rng):  # no mask: every row is a full record, positions 0..seq-1
         ce, z = sharded(params, tokens[:, :-1], tokens[:, 1:])
