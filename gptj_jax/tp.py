@@ -154,6 +154,8 @@ def local_logits(
     ids: Array, mask: Array, pos: Array, layout: Layout, dtype: Any,
 ) -> Array:
     """Per-device forward: ids / mask / pos ``[b, T]`` -> logits ``[b, T, V/mp]`` float32."""
+    if config.scan_layers:
+        raise ValueError("the explicit shard_map forward (tp.py) runs unrolled blocks: use scan_layers=False with it")
     t, tl, ts = params["transformer"], logical["transformer"], specs["transformer"]
     wte = _gather(t["wte"], tl["wte"], ts["wte"])["embedding"]  # [V/mp, D]
     x = _embed(wte, ids, layout, dtype)  # [b, T, D]
