@@ -47,6 +47,7 @@ DEFAULT_RULES: Rules = (
     ("length", None),
     ("cache_length", None),
     ("head_dim", None),
+    ("layers", None),  # the stacked axis of scan_layers params and cache: every device holds every layer
     # parameters (names from model.py)
     ("vocab", "mp"),
     ("heads", "mp"),
@@ -283,7 +284,7 @@ def shard_params(
     keystr = lambda path: "".join(f"[{k!r}]" for k in path.split("/"))  # jax.tree_util.keystr's spelling
     table.check_tree(
         {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]},
-        {keystr(p): shape for p, shape in table.expected_param_shapes(config, head).items()},
+        {keystr(p): shape for p, shape in table.model_param_shapes(config, head).items()},
         where=f"params (head {head!r}) do not match the config's parameter tree",
         what="leaf",
         model=table.describe(config, head),

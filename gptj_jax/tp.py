@@ -158,6 +158,8 @@ def local_hidden(
     """Per-device trunk: ids / mask / pos ``[b, T]`` -> (the lm_head's input ``[b, T, D]`` float32 (ln_f's
     output rounded to ``dtype``, as the model's float32 head sees it), this device's lm_head
     ``{"kernel": [D, V/mp], "bias": [V/mp]}``)."""
+    if config.scan_layers:
+        raise ValueError("the explicit shard_map forward (tp.py) runs unrolled blocks: use scan_layers=False with it")
     t, tl, ts = params["transformer"], logical["transformer"], specs["transformer"]
     wte = _gather(t["wte"], tl["wte"], ts["wte"])["embedding"]  # [V/mp, D]
     x = _embed(wte, ids, layout, dtype)  # [b, T, D]

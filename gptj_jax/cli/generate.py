@@ -31,6 +31,7 @@ import time
 from typing import Any, Optional
 
 from gptj_jax.cli.command import Command
+from gptj_jax.config import ATTENTION_IMPLS
 from gptj_jax.dtypes import DTYPE_NAMES
 
 HELP = "generate text with a GPT-J model (one prompt, or a JSONL file of prompts)"
@@ -72,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-interval", type=int, default=4, metavar="K", help="decode steps per streamed chunk")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="batch mode: prompts per batch (default 8)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="cast the weights (and compute) to this dtype (default: as stored)")
+    p.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto",
+                   help="attention implementation (default auto: xla on CPU, cudnn on GPU, splash on TPU)")
+    p.add_argument("--scan-layers", action="store_true", help="run the blocks under nn.scan (stacked params; faster compile)")
     p.add_argument("--logprobs", action="store_true", help="batch mode: also write each new token's log-probability")
     p.add_argument(
         "--compilation-cache", nargs="?", const="", default=None, metavar="DIR",
@@ -152,7 +156,8 @@ def _model(args: argparse.Namespace):
         source = resolve(args.model, args.revision)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"--model {e}") from None
-    return source, source_config(source, args.config)
+    config = source_config(source, args.config)
+    return source, config.replace(attention=args.attention, scan_layers=args.scan_layers)
 
 
 # ---------------------------------------------------------------------------------------- run

@@ -650,7 +650,11 @@ def load(
         any one device) and ``seconds``.
 
     Returns ``(config, params)``: params a nested dict of ``jax.Array`` in our layout (kernels ``[in, out]``),
-    e.g. ``params["transformer"]["h_0"]["attn"]["q_proj"]["kernel"]`` ``[n_embd, n_embd]``.
+    e.g. ``params["transformer"]["h_0"]["attn"]["q_proj"]["kernel"]`` ``[n_embd, n_embd]``. With
+    ``config.scan_layers`` (pass ``config=source_config(...).replace(scan_layers=True)``) the blocks are
+    read per layer through the same tables and then stacked (``table.stack_layers``, on the devices, into
+    the stacked shardings): ``params["transformer"]["h"]["attn"]["q_proj"]["kernel"]`` ``[n_layer, D, D]``;
+    the stacking briefly holds the blocks twice.
 
     Raises FileNotFoundError for a path that does not exist (and is no hub id), CheckpointError for a
     checkpoint that is malformed, truncated or disagrees with the config (naming file, tensor and
@@ -672,7 +676,7 @@ def load(
             )
             return {p: single for p in table.expected_param_shapes(config, head)}
         try:
-            return table.flatten(sh.param_shardings(config, mesh, head, rules))
+            return table.flatten(sh.param_shardings(config.replace(scan_layers=False), mesh, head, rules))
         except ValueError as e:
             raise ValueError(f"{src.spec}: cannot split the model over mesh {sh.describe_mesh(mesh)}: {e}") from None
 
@@ -684,7 +688,7 @@ def load(
             placer.abort()
             raise
         placer.done(t0)
-        return config, table.unflatten(flat)
+        return config, _stack_if_scanned(config, mesh, head, rules, table.unflatten(flat))
 
     tensors = _open(src, config, head, np_dtype)
     try:
@@ -700,7 +704,17 @@ def load(
         raise
     finally:
         tensors.close()
-    return config, table.unflatten(flat)
+    return config, _stack_if_scanned(config, mesh, tensors.head, rules, table.unflatten(flat))
+
+
+def _stack_if_scanned(config: GPTJConfig, mesh: Optional[jax.sharding.Mesh], head: str, rules: sh.Rules,
+                      params: Params) -> Params:
+    """Per-layer params -> the stacked layout when ``config.scan_layers`` (else as they are)."""
+    if not config.scan_layers:
+        return params
+    if mesh is None:
+        return table.stack_layers(params)
+    return jax.jit(table.stack_layers, out_shardings=sh.param_shardings(config, mesh, head, rules))(params)
 
 
 def _open(src: Source, config: GPTJConfig, head: Optional[str], dtype: Optional[np.dtype]) -> _Tensors:

@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from gptj_jax.config import GPTJConfig, preset_names
+from gptj_jax.config import ATTENTION_IMPLS, GPTJConfig, preset_names
 from gptj_jax.convert.mtj import MTJ_SHAPE_KEYS
 from gptj_jax.dtypes import DTYPE_NAMES
 
@@ -108,6 +108,10 @@ class TrainConfig:
     dtype: str = _key("bfloat16", "compute dtype: `float32`, `bfloat16` or `float16`")
     param_dtype: str = _key("float32", "master parameter and optimizer state dtype")
     remat: str = _key("none", "rematerialisation per block: `none`, `dots`, `dots_no_batch`, `full`")
+    attention: str = _key("auto", "attention implementation (the model config's `attention`): `auto` (by backend: "
+                          "`xla` on CPU, `cudnn` on GPU, `splash` on TPU), `xla`, `cudnn`, `pallas_flash`, `splash`")
+    scan_layers: bool = _key(False, "run the blocks under `nn.scan` (params stacked on a leading `layers` axis; "
+                             "one block compiled instead of `layers`); `forward: gspmd` only")
     forward: str = _key("gspmd", "`gspmd` (the linen model under `jit`, XLA places the collectives) or `shard_map` "
                         "(explicit Megatron layout from `gptj_jax/tp.py`, vocab-parallel loss; no dropout or remat)")
     dropout: Optional[float] = _key(None, "sets `resid_pdrop`, `embd_pdrop` and `attn_pdrop` of the model (null: the "
@@ -339,9 +343,12 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         raise TrainConfigError(f"{source}: key 'norm' must be 'layernorm' (GPT-J), got {cfg.norm!r}")
     if cfg.pe != "rotary":
         raise TrainConfigError(f"{source}: key 'pe' must be 'rotary' (GPT-J), got {cfg.pe!r}")
-    for key, allowed in (("dtype", DTYPE_NAMES), ("param_dtype", DTYPE_NAMES), ("remat", REMATS), ("forward", FORWARDS)):
+    for key, allowed in (("dtype", DTYPE_NAMES), ("param_dtype", DTYPE_NAMES), ("remat", REMATS), ("forward", FORWARDS),
+                         ("attention", ATTENTION_IMPLS)):
         if getattr(cfg, key) not in allowed:
             raise TrainConfigError(f"{source}: key {key!r} must be one of {list(allowed)}, got {getattr(cfg, key)!r}")
+    if cfg.scan_layers and cfg.forward == "shard_map":
+        raise TrainConfigError(f"{source}: key 'scan_layers' needs 'forward: gspmd' (the shard_map forward is unrolled)")
     if not cfg.model_dir:
         raise TrainConfigError(f"{source}: key 'model_dir' is empty")
     if not cfg.train_set:
@@ -413,6 +420,7 @@ def model_config_for(cfg: TrainConfig, loaded: Optional[GPTJConfig] = None) -> G
             model_cfg = base.replace(**changes)
         except ValueError as e:
             raise TrainConfigError(f"model shape from the config keys: {e}") from None
+    model_cfg = model_cfg.replace(attention=cfg.attention, scan_layers=cfg.scan_layers)
     if cfg.dropout is not None:
         model_cfg = model_cfg.replace(resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout)
     if cfg.seq > model_cfg.n_positions:
