@@ -91,7 +91,8 @@ def test_lora_on_demo_corpus_lowers_validation_loss(tmp_path):
     summary = train(cfg)
     vals = [r["val_fables_loss"] for r in read_metrics(cfg.model_dir) if "val_fables_loss" in r]
     print("val losses", vals)
-    assert len(vals) == 6 and vals[-1] < vals[0] - 0.5, vals
+    # blocks only (embedding and head frozen at random): a steady fall, every evaluation below the previous one
+    assert len(vals) == 6 and all(b < a for a, b in zip(vals, vals[1:])) and vals[-1] < vals[0] - 0.15, vals
     base_after = jax.device_get(summary["base_params"])
     for p, x in table.flatten(base_params).items():
         assert np.array_equal(np.asarray(x), np.asarray(table.flatten(base_after)[p])), p
