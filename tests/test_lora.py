@@ -279,3 +279,40 @@ def test_adapter_for_another_base_names_the_shapes(setup, tmp_path):
         gptj_jax.load(str(tmp_path / "other"), adapter=out)
     with pytest.raises(lora.LoraError, match="not a PEFT adapter directory|neither a PEFT adapter"):
         gptj_jax.load(setup["base"], adapter=setup["base"])
+
+
+_MESH_SCRIPT = """
+import json, sys
+import jax, numpy as np
+from gptj_jax.train.config import load_train_config
+from gptj_jax.train.loop import train
+s = train(load_train_config(None, json.loads(sys.argv[1])))
+flat = {}
+def walk(d, p=""):
+    for k, v in d.items():
+        walk(v, p + k + "/") if isinstance(v, dict) else flat.__setitem__(p + k, np.asarray(v).tolist())
+walk(jax.device_get(s["final_params"]))
+print(json.dumps({"loss": s["loss"], "adapters": flat}))
+"""
+
+
+def test_qlora_on_a_4_device_mesh_matches_one_device(setup, tmp_path):
+    """QLoRA with the int8 base split over mp=4 (kernels and their scales sharded, adapters replicated) trains
+    the same adapters as one device (float32; only reduction order differs)."""
+    results = []
+    for devices, mesh in ((1, []), (4, ["mesh=mp=4"])):
+        argv = TINY + [f"train_set={setup['data']}", f"model_dir={tmp_path / str(devices)}", "per_replica_batch=4",
+                       "lr=1e-2", f"model={setup['base']}", "lora_rank=4", "lora_alpha=8", "total_steps=4",
+                       "shuffle=false", "lora_base_quantize=int8", *mesh]
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, json.dumps(argv)], capture_output=True, text=True,
+                              env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    one, four = results
+    assert abs(one["loss"] - four["loss"]) < 1e-5, (one["loss"], four["loss"])
+    assert sorted(one["adapters"]) == sorted(four["adapters"])
+    for p in one["adapters"]:
+        np.testing.assert_allclose(np.array(four["adapters"][p]), np.array(one["adapters"][p]), atol=1e-5, rtol=0)
+    assert any(np.abs(np.array(v)).max() > 0 for p, v in one["adapters"].items() if p.endswith("lora_b"))
