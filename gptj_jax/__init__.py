@@ -51,7 +51,6 @@ _LAZY = {
     "score_rolling": ("gptj_jax.scoring", "score_rolling"),
     "ScoreResult": ("gptj_jax.scoring", "ScoreResult"),
     "load_tokenizer": ("gptj_jax.tokenizer", "load_tokenizer"),
-    "quantize_params": ("gptj_jax.quantize", "quantize_params"),
 }
 # Submodules named in the README's API, imported on first attribute access.
 _LAZY_MODULES = ("convert", "sharding", "generation", "scoring")
