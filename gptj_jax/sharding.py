@@ -277,10 +277,16 @@ def shard_params(
     Raises ValueError (``CheckpointError``) naming the leaf and both shapes when the tree is not the
     one ``config`` implies (a missing, unexpected or misshapen leaf).
     """
+    from . import quantize
     from .convert import table
 
     head = head or head_of(params)
     shardings = param_shardings(config, mesh, head, rules)
+    if quantize.is_quantized(params):  # QuantizedArray leaves: check the float shapes, place q and scale
+        shardings = quantize.shardings(params, shardings)
+        params_q, params = params, jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if quantize.is_quantized_leaf(x) else x,
+            params, is_leaf=quantize.is_quantized_leaf)
     keystr = lambda path: "".join(f"[{k!r}]" for k in path.split("/"))  # jax.tree_util.keystr's spelling
     table.check_tree(
         {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]},
@@ -289,6 +295,8 @@ def shard_params(
         what="leaf",
         model=table.describe(config, head),
     )
+    if quantize.is_quantized(shardings):
+        return jax.device_put(params_q, shardings)
     return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
 
 

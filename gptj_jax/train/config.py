@@ -135,6 +135,14 @@ class TrainConfig:
                                        "timed at startup)")
     progress: bool = _key(True, "show a progress bar")
     tensorboard: bool = _key(True, "write TensorBoard event files (when `tensorboardX` is installed)")
+    # ---- LoRA (gptj_jax/lora.py): on when lora_rank > 0; needs `model` (the frozen base)
+    lora_rank: int = _key(0, "LoRA rank r (0: full fine-tuning); only the adapters train, the `model` base is frozen")
+    lora_alpha: float = _key(16.0, "LoRA alpha: the adapter output is scaled by `lora_alpha / lora_rank`")
+    lora_dropout: float = _key(0.0, "dropout on the adapters' input, in [0, 1)")
+    lora_targets: str = _key(r"transformer/h_\d+/(attn/(q|k|v|out)_proj|mlp/fc_(in|out))/kernel",
+                             "regex matched in full against kernel paths: which kernels get adapters")
+    lora_base_dtype: Optional[str] = _key(None, "dtype of the frozen base weights (null: `param_dtype`)")
+    lora_base_quantize: Optional[str] = _key(None, "`int8`: the frozen base is int8 weight-only (QLoRA-style)")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -349,6 +357,14 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
             raise TrainConfigError(f"{source}: key {key!r} must be one of {list(allowed)}, got {getattr(cfg, key)!r}")
     if cfg.scan_layers and cfg.forward == "shard_map":
         raise TrainConfigError(f"{source}: key 'scan_layers' needs 'forward: gspmd' (the shard_map forward is unrolled)")
+    if cfg.lora_rank < 0:
+        raise TrainConfigError(f"{source}: key 'lora_rank' must be >= 0, got {cfg.lora_rank}")
+    if cfg.lora_rank and not cfg.model:
+        raise TrainConfigError(f"{source}: key 'lora_rank' needs key 'model': the base checkpoint the adapters train on")
+    if cfg.lora_base_dtype is not None and cfg.lora_base_dtype not in DTYPE_NAMES:
+        raise TrainConfigError(f"{source}: key 'lora_base_dtype' must be one of {list(DTYPE_NAMES)}, got {cfg.lora_base_dtype!r}")
+    if cfg.lora_base_quantize not in (None, "int8"):
+        raise TrainConfigError(f"{source}: key 'lora_base_quantize' must be null or 'int8', got {cfg.lora_base_quantize!r}")
     if not cfg.model_dir:
         raise TrainConfigError(f"{source}: key 'model_dir' is empty")
     if not cfg.train_set:
