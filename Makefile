@@ -11,6 +11,12 @@ ACCEL ?= $(shell if [ -e /dev/accel0 ] || [ -n "$$TPU_NAME" ]; then echo tpu; \
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 JAX_CUDA ?= cuda12
+# The extras `install` adds. tpu-aot (libtpu, for `gptj-jax plan --compile-for` and its tests) on CPU hosts;
+# a TPU VM has libtpu from jax[tpu] already; on a GPU host it stays out (its jax is the CUDA one).
+EXTRAS_cpu := torch,dev,tpu-aot
+EXTRAS_gpu := torch,dev
+EXTRAS_tpu := torch,dev
+EXTRAS ?= $(EXTRAS_$(ACCEL))
 # pytest-xdist workers; see docs/install.md for the measurement behind the default.
 PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
@@ -27,7 +33,7 @@ else ifeq ($(ACCEL),tpu)
 else
 	$(PIP) install $(TORCH_PIP_ARGS) '$(TORCH_SPEC)'
 endif
-	$(PIP) install -e '.[torch,dev]'
+	$(PIP) install -e '.[$(EXTRAS)]'
 	$(PYTHON) -c "import jax, torch; print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__)"
 
 # pytest's own exit code is make's: failures (1) and "no tests collected" (5) both fail the target.

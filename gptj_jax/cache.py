@@ -9,6 +9,10 @@ Layout (``B`` rows, ``N`` heads, ``S`` cache slots, ``H`` head dim, ``T`` new to
       "lengths": [B] int32       # real tokens seen per row = position id of the row's next token
     }
 
+With ``config.scan_layers`` the layers are stacked instead (what ``nn.scan`` reads and writes, no
+per-step stacking copy): ``"layers": {"k": [L, B, N, S, H], "v": [L, B, N, S, H]}`` (logical axis
+``layers`` first, :data:`CACHE_AXES` ``"stacked_kv"``). Everything else is the same.
+
 A model call with ``T`` new tokens writes row ``b``'s K/V at slots ``index[b] .. index[b] + T - 1``
 (:func:`write_kv`, :func:`write_mask`); new token ``t`` of row ``b`` sees key slot ``s`` iff
 ``mask[b, s]`` and ``s <= index[b] + t``. A left-padded batch writes its pads into slots that stay
@@ -44,6 +48,7 @@ Array = jax.Array
 # Logical axis names of the cache arrays ("kv" is every layer's k and v).
 CACHE_AXES: dict[str, tuple[str, ...]] = {
     "kv": ("batch", "heads", "cache_length", "head_dim"),  # [B, N, S, H]
+    "stacked_kv": ("layers", "batch", "heads", "cache_length", "head_dim"),  # [L, B, N, S, H] (scan_layers)
     "mask": ("batch", "cache_length"),  # [B, S]
     "index": ("batch",),  # [B]
     "lengths": ("batch",),  # [B]
@@ -55,8 +60,13 @@ def init_cache(config: GPTJConfig, batch_size: int, max_len: int, dtype: Any = j
     if max_len <= 0 or batch_size <= 0:
         raise ValueError(f"cache needs batch_size > 0 and max_len > 0, got {batch_size} and {max_len}")
     shape = (batch_size, config.n_head, max_len, config.head_dim)
+    if config.scan_layers:
+        stacked = (config.n_layer,) + shape
+        layers: Any = {"k": jnp.zeros(stacked, dtype), "v": jnp.zeros(stacked, dtype)}
+    else:
+        layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layer)]
     return {
-        "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layer)],
+        "layers": layers,
         "mask": jnp.zeros((batch_size, max_len), dtype=bool),
         "index": jnp.zeros((batch_size,), jnp.int32),
         "lengths": jnp.zeros((batch_size,), jnp.int32),
@@ -75,8 +85,12 @@ def cache_bytes(config: GPTJConfig, batch_size: int, max_len: int, dtype: Any = 
 
 def cache_axes(cache: Cache) -> Cache:
     """A pytree like ``cache`` whose leaves are the logical axis names (tuples) of its arrays."""
+    if isinstance(cache["layers"], dict):  # stacked (scan_layers)
+        layers: Any = {name: CACHE_AXES["stacked_kv"] for name in cache["layers"]}
+    else:
+        layers = [{name: CACHE_AXES["kv"] for name in layer} for layer in cache["layers"]]
     return {
-        "layers": [{name: CACHE_AXES["kv"] for name in layer} for layer in cache["layers"]],
+        "layers": layers,
         "mask": CACHE_AXES["mask"],
         "index": CACHE_AXES["index"],
         "lengths": CACHE_AXES["lengths"],
@@ -87,9 +101,22 @@ def check_cache(config: GPTJConfig, cache: Cache) -> None:
     """Raise ValueError unless ``cache`` has this module's layout for ``config`` (static shapes only)."""
     B, S = cache["mask"].shape
     want = (B, config.n_head, S, config.head_dim)
-    if len(cache["layers"]) != config.n_layer:
+    stacked = isinstance(cache["layers"], dict)
+    if stacked != config.scan_layers:
+        have, need = ("stacked", "a list of layers") if stacked else ("a list of layers", "stacked")
+        raise ValueError(
+            f"cache layers are {have} but the model (scan_layers={config.scan_layers}) needs {need}: "
+            "make the cache with cache.init_cache(config, ...) of the same config"
+        )
+    if stacked:
+        got = tuple(cache["layers"]["k"].shape)
+        if got != (config.n_layer,) + want:
+            raise ValueError(
+                f"cache K/V shape {got} is not the stacked cache layout [L, B, N, S, H] = {(config.n_layer,) + want}"
+            )
+    elif len(cache["layers"]) != config.n_layer:
         raise ValueError(f"cache has {len(cache['layers'])} layers, the model {config.n_layer}")
-    got = tuple(cache["layers"][0]["k"].shape)
+    got = tuple(cache["layers"]["k"].shape[1:] if stacked else cache["layers"][0]["k"].shape)
     if got != want:
         raise ValueError(
             f"cache K/V shape {got} is not the cache layout [B, N, S, H] = {want} (see cache.init_cache)"
@@ -120,6 +147,11 @@ def take_rows(cache: Cache, rows: Array) -> Cache:
     Reorders beams (row ``r`` of the result is row ``rows[r]`` of ``cache``) and repeats prompts
     (``rows = repeat(arange(B), n)``). Returns a cache of ``R`` rows.
     """
+    if isinstance(cache["layers"], dict):  # stacked (scan_layers): rows are axis 1 of k / v
+        rest = {name: value for name, value in cache.items() if name != "layers"}
+        out = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), rest)
+        out["layers"] = {name: jnp.take(x, rows, axis=1) for name, x in cache["layers"].items()}
+        return out
     return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache)
 
 
@@ -138,16 +170,20 @@ def insert(cache: Cache, prefix: Cache, slot: Array) -> Cache:
     slot = jnp.asarray(slot, jnp.int32)
     zero = jnp.zeros((), jnp.int32)
 
-    def put(dst: Array, src: Array) -> Array:
-        start = (slot,) + (zero,) * (dst.ndim - 1)
+    def put(dst: Array, src: Array, row_axis: int = 0) -> Array:
+        start = (zero,) * row_axis + (slot,) + (zero,) * (dst.ndim - 1 - row_axis)
         return lax.dynamic_update_slice(dst, src.astype(dst.dtype), start)
 
     mask = jnp.zeros((b, S), bool).at[:, :s_p].set(prefix["mask"])
-    return {
-        "layers": [
+    if isinstance(cache["layers"], dict):  # stacked: rows are axis 1
+        layers: Any = {name: put(cache["layers"][name], prefix["layers"][name], 1) for name in cache["layers"]}
+    else:
+        layers = [
             {name: put(layer[name], src[name]) for name in layer}
             for layer, src in zip(cache["layers"], prefix["layers"])
-        ],
+        ]
+    return {
+        "layers": layers,
         "mask": put(cache["mask"], mask),
         "index": put(cache["index"], prefix["index"]),
         "lengths": put(cache["lengths"], prefix["lengths"]),

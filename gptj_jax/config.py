@@ -13,6 +13,10 @@ from typing import Any, Optional, Union
 
 ACTIVATIONS = ("gelu_new", "relu", "silu", "gelu", "tanh")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+# How attention is computed (``GPTJConfig.attention``; see ``model.resolve_attention``).
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas_flash", "splash")
+# Fields that choose how the model runs, not what it computes: not written to config.json.
+RUNTIME_FIELDS = ("attention", "scan_layers")
 
 # Fields that fix the shapes of the weights: a config.json without them is an error rather than
 # silently taking the 6B defaults (which would then fail later with a confusing shape mismatch).
@@ -98,6 +102,12 @@ class GPTJConfig:
     problem_type: Optional[str] = None
     # (id, label) pairs; None means the HF default LABEL_0..LABEL_{num_labels-1}.
     id2label: Optional[tuple[tuple[int, str], ...]] = None
+    # How the model runs (not written to config.json). attention: "xla" (einsum-softmax-einsum, the
+    # reference), "cudnn" (jax.nn.dot_product_attention on GPU), "pallas_flash" / "splash" (Pallas TPU
+    # kernels), "auto" (by backend and shape; "xla" on CPU). scan_layers: the blocks run under nn.scan
+    # with params stacked on a leading "layers" axis (transformer/h/...), compiled once instead of n_layer times.
+    attention: str = "auto"
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.eos_token_id, list):
@@ -190,6 +200,10 @@ class GPTJConfig:
         for tok in self.eos_token_ids:
             if not isinstance(tok, int) or tok < 0:
                 raise ConfigError(f"eos_token_id must be a non-negative integer (or a list of them), got {self.eos_token_id!r}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention {self.attention!r} is not one of {list(ATTENTION_IMPLS)}")
+        if not isinstance(self.scan_layers, bool):
+            raise ConfigError(f"scan_layers must be true or false, got {self.scan_layers!r}")
         if self.id2label is not None and len(self.id2label) != self.num_labels:
             raise ConfigError(f"id2label has {len(self.id2label)} entries but num_labels is {self.num_labels}")
 
@@ -203,7 +217,7 @@ class GPTJConfig:
         if architectures:
             out["architectures"] = list(architectures)
         for field in dataclasses.fields(self):
-            if field.name in ("num_labels", "id2label"):
+            if field.name in ("num_labels", "id2label") or field.name in RUNTIME_FIELDS:
                 continue
             value = getattr(self, field.name)
             out[field.name] = list(value) if isinstance(value, tuple) else value

@@ -48,6 +48,7 @@ from .cache import Cache, init_cache
 from .config import GPTJConfig
 from .generation_config import GenerationConfig, GenerationError
 from .model import GPTJForCausalLM
+from .quantize import dequantize
 
 Array = jax.Array
 Params = Any
@@ -111,6 +112,7 @@ def forward_cached(
     """
     if mask is not None:
         tokens = jnp.where(mask > 0, tokens, SAFE_ID)
+    params = dequantize(params)  # int8 weights (quantize.py) -> float, inside the caller's jit
     out = GPTJForCausalLM(config, dtype=dtype).apply(
         {"params": params}, tokens, attention_mask=mask, cache=cache, logits_to_keep=1
     )

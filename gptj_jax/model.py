@@ -18,8 +18,10 @@ top-level param keys) and ``head_of`` reads a params tree's head from it. Losses
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import flax.linen as nn
 import flax.struct
@@ -30,7 +32,7 @@ import optax
 from jax import lax
 
 from .cache import Cache, check_cache, write_kv, write_mask
-from .config import GPTJConfig
+from .config import ATTENTION_IMPLS, GPTJConfig
 from .losses import causal_lm_loss, token_cross_entropy
 
 Array = jax.Array
@@ -55,6 +57,26 @@ REMAT_POLICIES = {
 }
 
 _f32_dot = functools.partial(lax.dot_general, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _grad_barrier(x: Array) -> Array:
+    """Identity whose gradient passes an ``optimization_barrier``: the residual stream's gradient is
+    materialised once per block. Without it XLA:CPU fuses the whole chain of per-block residual-gradient
+    adds (and LayerNorm backward terms) into every consumer, recomputing it for each block (quadratic in
+    ``n_layer``). No effect on values or on the forward pass."""
+    return x
+
+
+def _grad_barrier_fwd(x: Array) -> tuple[Array, None]:
+    return x, None
+
+
+def _grad_barrier_bwd(_: None, g: Array) -> tuple[Array]:
+    return (lax.optimization_barrier(g),)
+
+
+_grad_barrier.defvjp(_grad_barrier_fwd, _grad_barrier_bwd)
 
 
 def _init(config: GPTJConfig, names: tuple[Optional[str], ...]) -> Any:
@@ -156,12 +178,175 @@ def attend(
     return jnp.einsum("BNTS,BNSH->BTNH", weights.astype(v.dtype), v), probs
 
 
+# ---------------------------------------------------------------------------------------- fused attention
+# Which kernels a backend runs natively (``attention=`` in GPTJConfig; "xla" runs everywhere).
+KERNEL_BACKENDS = {"cudnn": ("gpu", "cuda", "rocm"), "pallas_flash": ("tpu",), "splash": ("tpu",)}
+_INTERPRET = contextvars.ContextVar("gptj_jax_interpret_kernels", default=False)
+_BACKEND = contextvars.ContextVar("gptj_jax_attention_backend", default=None)
+
+
+@contextlib.contextmanager
+def attention_backend(platform: str) -> Iterator[None]:
+    """Within this context attention is chosen and checked for ``platform`` (``"tpu"``, ``"gpu"``, ``"cpu"``)
+    instead of jax's default backend: for ahead-of-time compiles for another platform (deviceless TPU
+    compiles through ``jax.experimental.topologies``). Wrap the tracing call (``jit(...).lower``)."""
+    token = _BACKEND.set(platform)
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
+@contextlib.contextmanager
+def interpret_kernels() -> Iterator[None]:
+    """Within this context the Pallas kernels (``pallas_flash``, ``splash``) run in Pallas' TPU interpret
+    mode on any backend (slow; for tests on CPU). Wrap the *tracing* call (``apply``, the first ``jit`` call)."""
+    token = _INTERPRET.set(True)
+    try:
+        yield
+    finally:
+        _INTERPRET.reset(token)
+
+
+def resolve_attention(
+    config: GPTJConfig, q_len: int, dtype: Dtype = jnp.float32, *, need_probs: bool = False,
+    dropout: bool = False, backend: Optional[str] = None,
+) -> str:
+    """The attention implementation a forward of ``q_len`` new tokens uses: ``config.attention`` made concrete.
+
+    ``auto``: ``xla`` on CPU, when attention probabilities are returned or dropped out, and for single-token
+    decode; on GPU ``cudnn`` for a float16/bfloat16 ``dtype`` and head dim <= 256; on TPU ``splash`` when
+    the head dim and ``q_len`` are multiples of 128; ``xla`` otherwise. An explicit kernel on a backend that
+    cannot run it (``cudnn`` on CPU, ``splash`` off TPU outside :func:`interpret_kernels`), or with
+    ``need_probs`` / ``dropout``, is a ValueError: no silent fallback. Decode (``q_len == 1``) always uses
+    ``xla``: the kernels are built for long query blocks and the einsum path reads the cache once.
+    """
+    impl = config.attention
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention {impl!r} is not one of {list(ATTENTION_IMPLS)}")
+    backend = backend or _BACKEND.get() or jax.default_backend()
+    if impl == "xla" or q_len == 1:
+        return "xla"
+    if impl == "auto":
+        if need_probs or dropout:
+            return "xla"
+        if backend in KERNEL_BACKENDS["cudnn"] and config.head_dim <= 256 and jnp.dtype(dtype) in (
+            jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)
+        ):
+            return "cudnn"
+        if backend == "tpu" and config.head_dim % 128 == 0 and q_len % 128 == 0:
+            return "splash"
+        return "xla"
+    interpreted = impl in ("pallas_flash", "splash") and _INTERPRET.get()
+    if backend not in KERNEL_BACKENDS[impl] and not interpreted:
+        raise ValueError(
+            f"attention={impl!r} needs a {'/'.join(KERNEL_BACKENDS[impl])} backend but jax's backend is {backend!r}; "
+            f"use attention='xla' or 'auto' (it picks what the backend runs)"
+            + (" or run it under gptj_jax.model.interpret_kernels()" if impl != "cudnn" else "")
+        )
+    if need_probs:
+        raise ValueError(f"attention={impl!r} does not return attention probabilities: use attention='xla' for output_attentions")
+    if dropout:
+        raise ValueError(f"attention={impl!r} has no attention dropout (attn_pdrop > 0): use attention='xla' to train with it")
+    return impl
+
+
+def _kernel_block(n: int, preferred: int) -> int:
+    """The largest block <= ``preferred`` that divides ``n`` (a power of two from 128 down; ``n`` itself if small)."""
+    block = preferred
+    while block > 128 and n % block:
+        block //= 2
+    return block if n % block == 0 else n
+
+
+def fused_attend(
+    q: Array,
+    k: Array,
+    v: Array,
+    q_segment: Array,
+    kv_segment: Array,
+    impl: str,
+    *,
+    interpret: Optional[bool] = None,
+    dpa_implementation: str = "cudnn",
+) -> Array:
+    """Causal attention through a fused kernel. Returns ``out [B, T, N, H]`` in v's dtype.
+
+    q ``[B, T, N, H]`` (rotary already applied); k, v ``[B, N, S, H]`` (the cache layout) whose slot ``s``
+    is aligned with query ``t = s`` (a fresh prefill or training: ``S >= T``, query ``t`` sees slots ``<= t``).
+    q_segment ``[B, T]``, kv_segment ``[B, S]`` int32: 1 for real tokens, 0 for pads; a query sees a key
+    iff the key is not after it and their segments are equal. For real tokens this is exactly
+    :func:`attend`'s mask (causal and key padding); a pad query sees the pads before it instead of
+    :func:`attend`'s uniform row over every slot (no row is empty, so no NaN; pad rows are never read).
+    Scores scale by ``1/sqrt(H)`` and softmax statistics are float32 in every kernel.
+
+    ``impl``: ``cudnn`` (``jax.nn.dot_product_attention``; ``dpa_implementation="xla"`` runs its XLA
+    reference, e.g. on CPU), ``pallas_flash`` (Pallas TPU ``flash_attention`` with ``sm_scale=1/sqrt(H)``;
+    its default 1.0 would be wrong), ``splash`` (``make_splash_mha`` with a ``CausalMask``; it has no scale,
+    so q is pre-scaled in float32). ``interpret`` runs the Pallas kernels in interpret mode (None: as
+    :func:`interpret_kernels` says). No kernel serves single-token decode: see :func:`resolve_attention`.
+    """
+    B, T, N, H = q.shape
+    S = k.shape[2]
+    scale = float(H) ** -0.5
+    if interpret is None:
+        interpret = _INTERPRET.get()
+    if impl == "cudnn":
+        # jax.nn.dot_product_attention takes [B, T, N, H] for all three.
+        same = q_segment[:, :, None] == kv_segment[:, None, :]  # [B, T, S]
+        causal = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None]  # [T, S]
+        out = jax.nn.dot_product_attention(
+            q, jnp.swapaxes(k, 1, 2).astype(q.dtype), jnp.swapaxes(v, 1, 2).astype(q.dtype),
+            mask=(same & causal[None])[:, None], scale=scale, implementation=dpa_implementation,
+        )
+        return out.astype(v.dtype)
+    qh = jnp.swapaxes(q, 1, 2)  # [B, N, T, H]
+    if impl == "pallas_flash":
+        from jax.experimental.pallas import tpu as pltpu
+        from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+        bq, bk = _kernel_block(T, 512), _kernel_block(S, 512)
+        blocks = fa.BlockSizes(
+            block_q=bq, block_k_major=bk, block_k=bk, block_b=1, block_q_major_dkv=bq, block_k_major_dkv=bk,
+            block_k_dkv=bk, block_q_dkv=bq, block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq,
+        )
+        ctx = pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext()
+        with ctx:
+            out = fa.flash_attention(
+                qh, k.astype(q.dtype), v.astype(q.dtype), segment_ids=fa.SegmentIds(q_segment, kv_segment),
+                causal=True, sm_scale=scale, block_sizes=blocks,
+            )
+    elif impl == "splash":
+        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+        bq, bk = _kernel_block(T, 512), _kernel_block(S, 512)
+        blocks = sk.BlockSizes(
+            block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+            block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk,
+        )
+        mask = sm.MultiHeadMask([sm.CausalMask((T, S)) for _ in range(N)])
+        kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks, interpret=bool(interpret))
+        qs = (qh.astype(jnp.float32) * jnp.float32(scale)).astype(q.dtype)
+        out = jax.vmap(kernel)(qs, k.astype(q.dtype), v.astype(q.dtype), segment_ids=sk.SegmentIds(q_segment, kv_segment))
+    else:
+        raise ValueError(f"fused_attend has no kernel {impl!r}; expected 'cudnn', 'pallas_flash' or 'splash'")
+    return jnp.swapaxes(out, 1, 2).astype(v.dtype)  # [B, T, N, H]
+
+
 class GPTJAttention(nn.Module):
-    """Causal self-attention; K/V go through ``cache.py``'s layout (``[B, N, S, H]``) with or without a cache."""
+    """Causal self-attention; K/V go through ``cache.py``'s layout (``[B, N, S, H]``) with or without a cache.
+
+    ``attention_impl`` (a concrete name from :func:`resolve_attention`): ``xla`` is :func:`attend`; a kernel
+    (:func:`fused_attend`) serves training / scoring (no cache) and prefill into a cache whose rows all start
+    at slot 0 (checked at run time with ``lax.cond``: a prefill that continues a filled cache takes the
+    einsum path). Single-token decode always takes the einsum path (the kernels do not serve decode).
+    """
 
     config: GPTJConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(
@@ -173,7 +358,8 @@ class GPTJAttention(nn.Module):
         layer_cache: Optional[dict[str, Array]],  # {"k","v": [B, N, S, H]}
         cache_index: Optional[Array],  # [B] int32: slot of each row's first new token
         deterministic: bool,
-    ) -> tuple[Array, Optional[dict[str, Array]], Array]:
+        segments: Optional[Array] = None,  # [B, T] int32 1 real / 0 pad: the kernels' segment ids
+    ) -> tuple[Array, Optional[dict[str, Array]], Optional[Array]]:
         cfg = self.config
         B, T, _ = x.shape
         N, H = cfg.n_head, cfg.head_dim
@@ -191,14 +377,26 @@ class GPTJAttention(nn.Module):
         k = apply_rotary(k.astype(jnp.float32), sin, cos).astype(self.dtype)
 
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, N, T, H]: the cache layout
+        k_new, v_new = k, v
         new_cache = None
         if layer_cache is not None:
             k = write_kv(layer_cache["k"], k, cache_index)  # [B, N, S, H]
             v = write_kv(layer_cache["v"], v, cache_index)
             new_cache = {"k": k, "v": v}
             k, v = k.astype(self.dtype), v.astype(self.dtype)
-        dropout = functools.partial(nn.Dropout(cfg.attn_pdrop), deterministic=deterministic)
-        out, probs = attend(q, k, v, allowed, dropout=dropout)
+        impl = self.attention_impl
+        if impl == "xla":
+            dropout = functools.partial(nn.Dropout(cfg.attn_pdrop), deterministic=deterministic)
+            out, probs = attend(q, k, v, allowed, dropout=dropout)
+        else:
+            if segments is None:
+                raise ValueError(f"attention {impl!r} needs the segment ids ([B, T] 1 real / 0 pad)")
+            probs = None
+            fused = functools.partial(fused_attend, q, k_new, v_new, segments, segments, impl)
+            if layer_cache is None:
+                out = fused()
+            else:  # a kernel only when every row starts at slot 0 (its keys are exactly the new tokens)
+                out = lax.cond(jnp.all(cache_index == 0), fused, lambda: attend(q, k, v, allowed)[0])
         out = out.reshape(B, T, N * H)
         out = nn.Dense(
             cfg.n_embd, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -242,15 +440,54 @@ class GPTJBlock(nn.Module):
     config: GPTJConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x, sin, cos, allowed, layer_cache, cache_index, deterministic: bool = True):
+    def __call__(self, x, sin, cos, allowed, layer_cache, cache_index, deterministic: bool = True, segments=None):
+        x = _grad_barrier(x)
         h = layer_norm(self.config, self.param_dtype, "ln_1")(x.astype(jnp.float32)).astype(self.dtype)
-        attn_out, new_cache, probs = GPTJAttention(self.config, self.dtype, self.param_dtype, name="attn")(
-            h, sin, cos, allowed, layer_cache, cache_index, deterministic
-        )
+        attn_out, new_cache, probs = GPTJAttention(
+            self.config, self.dtype, self.param_dtype, self.attention_impl, name="attn"
+        )(h, sin, cos, allowed, layer_cache, cache_index, deterministic, segments)
         ff = GPTJMLP(self.config, self.dtype, self.param_dtype, name="mlp")(h, deterministic)
         return attn_out + ff + x, new_cache, probs  # [B, T, D]
+
+
+def _block_class(remat_policy: str, scanned: bool = False) -> type[nn.Module]:
+    """GPTJBlock, rematerialised per block under ``remat_policy`` (a key of :data:`REMAT_POLICIES`)."""
+    if REMAT_POLICIES.get(remat_policy, "missing") == "missing":
+        raise ValueError(f"remat_policy {remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+    if remat_policy == "none":
+        return GPTJBlock
+    # Under nn.scan the loop already keeps XLA from merging recomputation across blocks (prevent_cse off).
+    return nn.remat(GPTJBlock, policy=REMAT_POLICIES[remat_policy], static_argnums=(7,), prevent_cse=not scanned)
+
+
+class GPTJScanBlock(nn.Module):
+    """One block as an ``nn.scan`` body: carry ``x``, scanned layer cache, per-layer outputs.
+
+    Its GPTJBlock shares its scope (``nn.share_scope``), so the stacked params are
+    ``transformer/h/{ln_1,attn,mlp}/...`` with a leading ``[n_layer]`` axis (logical name ``layers``).
+    Returns ``(x, (new layer cache, probs, block input))``: probs / input are None unless asked for.
+    """
+
+    config: GPTJConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+    remat_policy: str = "none"
+    deterministic: bool = True
+    output_hidden_states: bool = False
+    output_attentions: bool = False
+
+    @nn.compact
+    def __call__(self, x, layer_cache, sin, cos, allowed, cache_index, segments):
+        block = _block_class(self.remat_policy, scanned=True)(
+            self.config, self.dtype, self.param_dtype, self.attention_impl, name="block"
+        )
+        nn.share_scope(self, block)
+        y, new_cache, probs = block(x, sin, cos, allowed, layer_cache, cache_index, self.deterministic, segments)
+        return y, (new_cache, probs if self.output_attentions else None, x if self.output_hidden_states else None)
 
 
 # ---------------------------------------------------------------------------------------- base model
@@ -258,7 +495,9 @@ class GPTJModel(nn.Module):
     """The GPT-J trunk: embedding, ``n_layer`` blocks, final LayerNorm.
 
     ``remat_policy`` (``none``, ``full``, ``dots``, ``dots_no_batch``) rematerialises each block in the
-    backward pass; it changes memory and speed, not results. ``cache`` (``cache.init_cache``) gets the new
+    backward pass; it changes memory and speed, not results. ``config.attention`` picks the attention
+    implementation (:func:`resolve_attention`); ``config.scan_layers`` runs the blocks under ``nn.scan``
+    (params stacked ``transformer/h/...`` ``[n_layer, ...]``, cache layers stacked, see ``cache.py``). ``cache`` (``cache.init_cache``) gets the new
     tokens of row ``b`` at its slots ``cache["index"][b]`` onwards and is returned updated.
     """
 
@@ -313,23 +552,39 @@ class GPTJModel(nn.Module):
             position_ids = jnp.maximum(offsets[:, None] + jnp.cumsum(attention_mask, axis=1) - 1, 0)  # [B, T]
         sin, cos = rotary_sin_cos(position_ids, cfg.rotary_dims)
 
-        block_cls = GPTJBlock
-        if REMAT_POLICIES.get(self.remat_policy, "missing") == "missing":
-            raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
-        if self.remat_policy != "none":
-            block_cls = nn.remat(GPTJBlock, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(7,))
+        impl = resolve_attention(
+            cfg, T, self.dtype, need_probs=output_attentions, dropout=cfg.attn_pdrop > 0 and not deterministic
+        )
+        segments = attention_mask if impl != "xla" else None
 
         hidden_states, attentions, new_layers = [], [], []
-        for i in range(cfg.n_layer):
-            if output_hidden_states:
-                hidden_states.append(x)
-            layer_cache = cache["layers"][i] if cache is not None else None
-            x, layer_new, probs = block_cls(cfg, self.dtype, self.param_dtype, name=f"h_{i}")(
-                x, sin, cos, allowed, layer_cache, cache_index, deterministic
+        if cfg.scan_layers:
+            _block_class(self.remat_policy)  # validates the policy name
+            scan = nn.scan(
+                GPTJScanBlock, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.n_layer, metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            new_layers.append(layer_new)
+            x, (new_layers, probs, inputs) = scan(
+                cfg, self.dtype, self.param_dtype, impl, self.remat_policy, deterministic, output_hidden_states,
+                output_attentions, name="h",
+            )(x, cache["layers"] if cache is not None else None, sin, cos, allowed, cache_index, segments)
+            if output_hidden_states:
+                hidden_states = list(inputs)  # [L, B, T, D] -> L of [B, T, D]
             if output_attentions:
-                attentions.append(probs)
+                attentions = list(probs)
+        else:
+            block_cls = _block_class(self.remat_policy)
+            for i in range(cfg.n_layer):
+                if output_hidden_states:
+                    hidden_states.append(x)
+                layer_cache = cache["layers"][i] if cache is not None else None
+                x, layer_new, probs = block_cls(cfg, self.dtype, self.param_dtype, impl, name=f"h_{i}")(
+                    x, sin, cos, allowed, layer_cache, cache_index, deterministic, segments
+                )
+                new_layers.append(layer_new)
+                if output_attentions:
+                    attentions.append(probs)
         x = layer_norm(cfg, self.param_dtype, "ln_f")(x.astype(jnp.float32))  # [B, T, D] float32
         if output_hidden_states:
             hidden_states.append(x)

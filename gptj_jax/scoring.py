@@ -53,6 +53,7 @@ from jax import lax
 from .config import GPTJConfig
 from .generation import bucket
 from .model import GPTJModel
+from .quantize import dequantize
 
 Array = jax.Array
 Params = Any
@@ -142,6 +143,7 @@ def _score_batch(
     T = tokens.shape[1]
     mask = jnp.arange(T, dtype=jnp.int32)[None, :] < lengths[:, None]  # [B, T]
     tokens = jnp.where(mask, tokens, SAFE_ID)
+    params = dequantize(params)  # int8 weights (quantize.py) -> float, inside this jit
     h = GPTJModel(config, dtype=dtype).apply(
         {"params": params["transformer"]}, tokens, attention_mask=mask
     ).last_hidden_state  # [B, T, D] float32 after ln_f

@@ -47,6 +47,7 @@ DEFAULT_RULES: Rules = (
     ("length", None),
     ("cache_length", None),
     ("head_dim", None),
+    ("layers", None),  # the stacked axis of scan_layers params and cache: every device holds every layer
     # parameters (names from model.py)
     ("vocab", "mp"),
     ("heads", "mp"),
@@ -276,18 +277,26 @@ def shard_params(
     Raises ValueError (``CheckpointError``) naming the leaf and both shapes when the tree is not the
     one ``config`` implies (a missing, unexpected or misshapen leaf).
     """
+    from . import quantize
     from .convert import table
 
     head = head or head_of(params)
     shardings = param_shardings(config, mesh, head, rules)
+    if quantize.is_quantized(params):  # QuantizedArray leaves: check the float shapes, place q and scale
+        shardings = quantize.shardings(params, shardings)
+        params_q, params = params, jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if quantize.is_quantized_leaf(x) else x,
+            params, is_leaf=quantize.is_quantized_leaf)
     keystr = lambda path: "".join(f"[{k!r}]" for k in path.split("/"))  # jax.tree_util.keystr's spelling
     table.check_tree(
         {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]},
-        {keystr(p): shape for p, shape in table.expected_param_shapes(config, head).items()},
+        {keystr(p): shape for p, shape in table.model_param_shapes(config, head).items()},
         where=f"params (head {head!r}) do not match the config's parameter tree",
         what="leaf",
         model=table.describe(config, head),
     )
+    if quantize.is_quantized(shardings):
+        return jax.device_put(params_q, shardings)
     return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
 
 

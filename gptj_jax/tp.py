@@ -12,7 +12,9 @@ used, written out with explicit collectives, per device:
   each block needs **one** ``psum`` over ``mp``.
 * lm_head is column-parallel over the vocabulary; logits stay split ``[B, T, V / mp]``, and the
   loss is ``losses.token_cross_entropy`` with ``vocab_axis``: ``pmax`` of the row max, then one
-  ``psum`` of the target logit and the sum of exponentials; the full logits are never gathered.
+  ``psum`` of the target logit and the sum of exponentials; the full logits are never gathered. With
+  ``block_size`` it is ``losses.blockwise_cross_entropy`` on the same shard, in vocabulary blocks, so
+  not even the local ``[b, T, V/mp]`` logits exist.
   :func:`shard_map_loss` is that wiring, shared by :func:`make_loss` and the train step.
 * Dimensions split over ``fsdp`` (the ``embed`` side of every matrix) are ``all_gather``-ed right
   before use (ZeRO-3 / FSDP); the backward pass turns those into reduce-scatters.
@@ -38,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import sharding as sh
 from .config import GPTJConfig
-from .losses import causal_lm_loss, token_cross_entropy
+from .losses import blockwise_cross_entropy, causal_lm_loss, token_cross_entropy
 from .model import ACT_FNS, apply_rotary, attend, layer_norm, logical_axes, model_for, rotary_sin_cos
 
 Array = jax.Array
@@ -149,11 +151,15 @@ def _block(
     return _psum(attn + ff, layout.tp) + m["fc_out"]["bias"].astype(dtype) + x
 
 
-def local_logits(
+def local_hidden(
     config: GPTJConfig, params: Any, logical: Any, specs: Any,
     ids: Array, mask: Array, pos: Array, layout: Layout, dtype: Any,
-) -> Array:
-    """Per-device forward: ids / mask / pos ``[b, T]`` -> logits ``[b, T, V/mp]`` float32."""
+) -> tuple[Array, dict[str, Array]]:
+    """Per-device trunk: ids / mask / pos ``[b, T]`` -> (the lm_head's input ``[b, T, D]`` float32 (ln_f's
+    output rounded to ``dtype``, as the model's float32 head sees it), this device's lm_head
+    ``{"kernel": [D, V/mp], "bias": [V/mp]}``)."""
+    if config.scan_layers:
+        raise ValueError("the explicit shard_map forward (tp.py) runs unrolled blocks: use scan_layers=False with it")
     t, tl, ts = params["transformer"], logical["transformer"], specs["transformer"]
     wte = _gather(t["wte"], tl["wte"], ts["wte"])["embedding"]  # [V/mp, D]
     x = _embed(wte, ids, layout, dtype)  # [b, T, D]
@@ -167,7 +173,15 @@ def local_logits(
         x = _block(config, layer, x, sin, cos, allowed, layout, dtype)
     x = _ln(config, _gather(t["ln_f"], tl["ln_f"], ts["ln_f"]), x)  # [b, T, D] float32
     head = _gather(params["lm_head"], logical["lm_head"], specs["lm_head"])
-    h = x.astype(dtype).astype(jnp.float32)
+    return x.astype(dtype).astype(jnp.float32), head
+
+
+def local_logits(
+    config: GPTJConfig, params: Any, logical: Any, specs: Any,
+    ids: Array, mask: Array, pos: Array, layout: Layout, dtype: Any,
+) -> Array:
+    """Per-device forward: ids / mask / pos ``[b, T]`` -> logits ``[b, T, V/mp]`` float32."""
+    h, head = local_hidden(config, params, logical, specs, ids, mask, pos, layout, dtype)
     return lax.dot_general(
         h, head["kernel"].astype(jnp.float32), (((2,), (0,)), ((), ())), preferred_element_type=jnp.float32
     ) + head["bias"].astype(jnp.float32)  # [b, T, V/mp]
@@ -234,22 +248,41 @@ def _make_forward(config: GPTJConfig, mesh: Mesh, impl: str, dtype: Any, rules: 
 
 
 def make_loss(
-    config: GPTJConfig, mesh: Mesh, impl: str = "jit", dtype: Any = jnp.float32, rules: sh.Rules = sh.DEFAULT_RULES
+    config: GPTJConfig, mesh: Mesh, impl: str = "jit", dtype: Any = jnp.float32, rules: sh.Rules = sh.DEFAULT_RULES,
+    *, block_size: int = 0,
 ):
     """A jitted ``f(params, input_ids, labels, attention_mask, position_ids) -> scalar`` causal-LM loss.
 
     HF's loss (shifted, labels -100 ignored, mean over counted tokens). ``impl="shard_map"`` is
     :func:`shard_map_loss` (the vocab-parallel cross-entropy on the vocab-split logits) with
-    ``labels[:, 1:]`` as targets. Differentiable (``jax.grad`` works through both impls) and usable
-    inside another ``jit``. Cached like :func:`make_forward`.
+    ``labels[:, 1:]`` as targets. ``block_size > 0``: ``losses.blockwise_cross_entropy`` in vocabulary
+    blocks of that many columns instead (the same value; no ``[B, T, V]`` logits). Differentiable
+    (``jax.grad`` works through both impls) and usable inside another ``jit``. Cached like
+    :func:`make_forward`.
     """
     _check_impl(impl)
-    return _make_loss(config, mesh, impl, jnp.dtype(dtype), tuple(rules))
+    if block_size < 0:
+        raise ValueError(f"block_size must be >= 0 (0: full logits), got {block_size}")
+    return _make_loss(config, mesh, impl, jnp.dtype(dtype), tuple(rules), block_size)
 
 
 @functools.lru_cache(maxsize=64)
-def _make_loss(config: GPTJConfig, mesh: Mesh, impl: str, dtype: Any, rules: sh.Rules):
+def _make_loss(config: GPTJConfig, mesh: Mesh, impl: str, dtype: Any, rules: sh.Rules, block_size: int = 0):
     sh.validate_config(config, mesh, "causal_lm", rules)
+    if impl == "jit" and block_size:
+        trunk = model_for(config, "base", dtype=dtype)
+        vocab_shards = sh.axis_size(mesh, sh.logical_to_mesh(("vocab",), rules)[0])
+
+        def blockwise(params, ids, labels, mask=None, pos=None):
+            mask, pos = _defaults(ids, mask, pos)
+            h = trunk.apply({"params": params["transformer"]}, ids, attention_mask=mask, position_ids=pos)
+            head = params["lm_head"]
+            return blockwise_cross_entropy(
+                h.last_hidden_state[:, :-1].astype(dtype), head["kernel"], head["bias"], labels[:, 1:],
+                block_size=block_size, ignore_index=-100, vocab_shards=vocab_shards,
+            ).mean()
+
+        return jax.jit(blockwise)
     if impl == "jit":
         module = model_for(config, "causal_lm", dtype=dtype)
 
@@ -260,7 +293,7 @@ def _make_loss(config: GPTJConfig, mesh: Mesh, impl: str, dtype: Any, rules: sh.
 
         return jax.jit(loss)
 
-    sharded = shard_map_loss(config, mesh, dtype, rules, ignore_index=-100)
+    sharded = shard_map_loss(config, mesh, dtype, rules, ignore_index=-100, block_size=block_size)
 
     def loss(params, ids, labels, mask=None, pos=None):
         return sharded(params, ids, labels[:, 1:], mask, pos)[0]
@@ -276,6 +309,7 @@ def shard_map_loss(
     *,
     z_loss: float = 0.0,
     ignore_index: Optional[int] = -100,
+    block_size: int = 0,
 ) -> Callable[..., tuple[Array, Array]]:
     """``f(params, ids, targets, mask=None, pos=None) -> (ce, z)``: the shard_map forward and its loss.
 
@@ -286,16 +320,26 @@ def shard_map_loss(
     than ``ignore_index``) of the whole global batch of ``losses.token_cross_entropy`` with
     ``vocab_axis`` and ``z_loss``. Beyond the forward's collectives: one ``pmax`` and one ``psum`` over
     the tensor-parallel axes, one ``psum`` over the batch axes. Not jitted; differentiable.
+
+    ``block_size > 0``: the loss is ``losses.blockwise_cross_entropy`` on the device's shard of the
+    vocabulary, in blocks of that many columns: the ``[b, T, V/mp]`` logits are never formed.
     """
     layout = layout_of(mesh, rules)
     logical = logical_axes(config, "causal_lm")
     specs, batch_spec, _ = shard_map_specs(config, mesh, rules)
 
     def local(params, ids, targets, mask, pos):  # per device: [b, T] rows
-        logits = local_logits(config, params, logical, specs, ids, mask, pos, layout, dtype)  # [b, T, V/mp]
-        loss = token_cross_entropy(
-            logits[:, : targets.shape[1]], targets, ignore_index=ignore_index, z_loss=z_loss, vocab_axis=layout.tp
-        )
+        if block_size:
+            h, head = local_hidden(config, params, logical, specs, ids, mask, pos, layout, dtype)  # [b, T, D]
+            loss = blockwise_cross_entropy(
+                h[:, : targets.shape[1]], head["kernel"], head["bias"], targets, block_size=block_size,
+                ignore_index=ignore_index, z_loss=z_loss, vocab_axis=layout.tp,
+            )
+        else:
+            logits = local_logits(config, params, logical, specs, ids, mask, pos, layout, dtype)  # [b, T, V/mp]
+            loss = token_cross_entropy(
+                logits[:, : targets.shape[1]], targets, ignore_index=ignore_index, z_loss=z_loss, vocab_axis=layout.tp
+            )
         terms = [jnp.sum(loss.ce), jnp.sum(loss.valid).astype(jnp.float32)]
         if z_loss:
             terms.append(jnp.sum(loss.z))

@@ -3,6 +3,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tests run on the CPU: with libtpu installed (the tpu-aot extra, for `plan --compile-for`), JAX would
+# otherwise try to claim a TPU and take libtpu's machine-wide lock file. Set before jax is imported;
+# subprocesses inherit it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 """Shared fixtures. The helpers live in ``helpers.py`` (a plain module) and are re-exported here, so
 test files keep ``from conftest import hf_model, ...``."""

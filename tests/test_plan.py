@@ -143,3 +143,190 @@ def test_simulation_refuses_a_started_backend_with_too_few_devices():
     n = len(jax.devices()) + 7
     with pytest.raises(RuntimeError, match=rf"the mesh needs {n} devices but JAX already started with"):
         simulated_devices(n)
+
+
+# ---------------------------------------------------------------------------------------- hardware x mode
+# The hardware table's per-device figures, copied from the vendors' data sheets (sources in plan.py):
+# (devices, memory GiB, bf16 TFLOP/s, int8 TOP/s, bandwidth GB/s).
+NEW_ROWS = {
+    "TPU v5e-1": (1, 16, 197, 393, 819),
+    "TPU v5e-4": (4, 16, 197, 393, 819),
+    "TPU v5e-8": (8, 16, 197, 393, 819),
+    "TPU v6e-1": (1, 32, 918, 1836, 1638),
+    "TPU v6e-8": (8, 32, 918, 1836, 1638),
+    "TPU v5p-8": (4, 95, 459, 918, 2765),
+    "T4 16GB": (1, 16, 65, 130, 320),
+    "L4 24GB": (1, 24, 121, 242, 300),
+    "A10G 24GB": (1, 24, 125, 250, 600),
+    "A100 40GB": (1, 40, 312, 624, 1555),
+    "A100 80GB": (1, 80, 312, 624, 2039),
+    "H100 80GB": (1, 80, 989, 1979, 3350),
+    "H200 141GB": (1, 141, 989, 1979, 4800),
+}
+# GPT-J-6B: d 4096, f 16384, 28 layers, vocab 50400. Params: embedding, per block q/k/v/out (no bias), fc_in and
+# fc_out (with bias), ln_1 (scale, bias); ln_f; lm_head with bias: 6,050,882,784.
+D6, F6, L6, V6 = 4096, 16384, 28, 50400
+N6 = V6 * D6 + L6 * (4 * D6 * D6 + 2 * D6 * F6 + F6 + D6 + 2 * D6) + 2 * D6 + D6 * V6 + V6
+GIB = 1024**3
+
+
+def _modes(*extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "gptj_jax.cli", "plan", "--config", "gptj-6b", "--modes", *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_hardware_rows_match_the_table():
+    table = _json(_modes("--json"))
+    rows = {r["hardware"]: r for r in table["hosts"]}
+    for name, (devices, mem, bf16, int8, bw) in NEW_ROWS.items():
+        r = rows[name]
+        assert (r["devices"], r["memory"], r["bf16_flops"], r["int8_flops"], r["bandwidth"]) == (
+            devices, mem * GIB, bf16 * 1e12, int8 * 1e12, bw * 1e9), name
+    # the old rows are still there, TPU v2 / v3 per TensorCore (a JAX device)
+    assert (rows["TPU v2-8"]["devices"], rows["TPU v2-8"]["memory"], rows["TPU v2-8"]["int8_flops"]) == (8, 8 * GIB, None)
+    assert (rows["TPU v3-8"]["memory"], rows["TPU v4-8"]["devices"], rows["TPU v4-8"]["memory"]) == (16 * GIB, 4, 32 * GIB)
+    md = _modes()
+    assert md.returncode == 0, md.stderr[-4000:]
+    for text in ("| TPU v5e-1 | 1 | 16.00 GiB | 197 | 393 | 819 |", "| T4 16GB | 1 | 16.00 GiB | 65 | 130 | 320 |",
+                 "| H200 141GB | 1 | 141.00 GiB | 989 | 1979 | 4800 |", "| TPU v2-8 | 8 | 8.00 GiB | 22.5 | - | 300 |",
+                 # rows x 2048 per mode (bf16, int8, full, LoRA, QLoRA), then batch-1 decode tokens/s (bf16, int8)
+                 "| TPU v5e-1 | 2 x 2048 | 8 x 2048 | no (92.54 GiB) | 1 x 2048 | 3 x 2048 | 70 | 135 |",
+                 "| TPU v5e-8 | 116 x 2048 | 122 x 2048 | 8 x 2048 | 40 x 2048 | 40 x 2048 | 561 | 1082 |"):
+        assert text in md.stdout, text
+
+
+def test_modes_table_for_gptj_6b_on_v5e_1():
+    """GPT-J-6B on one v5e chip (16 GiB, 90% usable): the analytic figures, recomputed here from the shapes."""
+    table = _json(_modes("--json"))
+    assert table["params"] == N6 == 6_050_882_784 and table["lora_params"] == L6 * 8 * (4 * 2 * D6 + 2 * (D6 + F6))
+    v5e = next(r for r in table["hosts"] if r["key"] == "v5e-1")["modes"]
+    budget = 0.9 * 16 * GIB
+    kv_row = 2 * L6 * 2048 * D6 * 2  # bfloat16 K and V of one 2048-token row: 0.4375 MiB / token
+    # prefill of one 2048-token row, one block: (10 D + 2 F) bf16 + 16 heads' float32 scores and probs; + logits
+    act_infer = 2048 * ((10 * D6 + 2 * F6) * 2 + 2 * 16 * 2048 * 4) + V6 * 4
+    bf16 = 2 * N6
+    assert v5e["bf16"]["need_min_batch"] == bf16 + kv_row + act_infer
+    rows = int((budget - bf16 - act_infer) // kv_row)
+    assert (v5e["bf16"]["fits"], v5e["bf16"]["batch"], v5e["bf16"]["seq"]) == (True, rows, 2048) and rows == 2
+    # int8: block matmuls 1 byte + float32 scale per output channel; embedding and lm_head bfloat16
+    mats = L6 * (4 * D6 * D6 + 2 * D6 * F6)
+    int8 = mats + 4 * L6 * (4 * D6 + F6 + D6) + 2 * (N6 - mats)
+    assert v5e["int8"]["need_min_batch"] == int8 + kv_row + act_infer + 2 * (4 * D6 * D6 + 2 * D6 * F6)
+    assert int8 / bf16 < 0.54
+    assert v5e["bf16"]["decode_tokens_per_s"] == pytest.approx(819e9 / (bf16 - 2 * V6 * D6))  # ~70 tokens/s
+    assert v5e["int8"]["decode_tokens_per_s"] == pytest.approx(819e9 / (int8 - 2 * V6 * D6))
+    # full fine-tuning: 16 bytes per param (f32 params, grads, Adam mu + nu) alone exceed the chip
+    assert not v5e["full"]["fits"] and v5e["full"]["batch"] == 0 and v5e["full"]["need_min_batch"] > 16 * N6
+    # LoRA on a bfloat16 base fits 1 x 2048 (remat full); QLoRA (int8 base) fits more rows
+    assert (v5e["lora"]["fits"], v5e["lora"]["batch"]) == (True, 1)
+    assert v5e["lora"]["need_min_batch"] < budget
+    assert v5e["qlora"]["fits"] and v5e["qlora"]["batch"] > 1
+    # v5e-8 is the smallest TPU here on which full fine-tuning fits (8 rows of 2048, fsdp over 8 chips)
+    fits_full = {r["key"] for r in table["hosts"] if r["modes"]["full"]["fits"]}
+    assert "v5e-8" in fits_full and not fits_full & {"v5e-1", "v5e-4", "v6e-1", "t4", "l4", "a10g", "a100-40",
+                                                      "a100-80", "h100", "v2-8"}
+
+
+# ---------------------------------------------------------------------------------------- compiled for a TPU
+# These compile GPT-J-6B's real steps for a TPU v5e-1 with libtpu (deviceless; `pip install
+# 'gptj-jax[tpu-aot]'`, which `make install` includes). Without libtpu they fail with its error message.
+# LoRA on a bfloat16 base is checked analytically above (test_modes_table_for_gptj_6b_on_v5e_1): the LoRA
+# training step is not in this branch, so there is no compiled LoRA step to compare yet.
+@pytest.fixture(scope="module")
+def v5e_1_plans() -> dict:
+    """``plan --compile-for v5e-1`` of GPT-J-6B at 1 x 2048, inference and training, compiled in two processes at
+    once (each compile is mostly one thread; about 65 s and 35 s of CPU). Without libtpu both fail with the
+    verb's one-line error, which the tests' assertion messages show."""
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    argv = [sys.executable, "-m", "gptj_jax.cli", "plan", "--config", "gptj-6b", "--compile-for", "v5e-1",
+            "--batch", "1", "--seq", "2048", "--json"]
+    procs = {name: subprocess.Popen(argv + extra, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+             for name, extra in (("inference", []), ("train", ["--train"]))}
+    return {name: proc.communicate(timeout=1200) + (proc.returncode,) for name, proc in procs.items()}
+
+
+def _compiled(plans: dict, name: str) -> dict:
+    out, err, code = plans[name]
+    assert code == 0, err[-2000:]
+    return json.loads(out)
+
+
+@pytest.mark.slow
+def test_compiled_for_v5e_1_bf16_inference_fits_at_1x2048(v5e_1_plans):
+    plan = _compiled(v5e_1_plans, "inference")
+    assert plan["target"] == "v5e-1" and plan["devices"] == 1 and "XLA:TPU" in plan["notes"][0]
+    assert "TPU v5 lite" in plan["notes"][0]
+    a = plan["analytic"]
+    assert a["params"] == 2 * N6  # bfloat16, one device
+    assert a["kv_cache"] == 2 * L6 * 2048 * D6 * 2 + 2048 + 4 + 4  # k/v + mask [1, 2048] + index + lengths
+    prefill, decode = plan["steps"]
+    assert not prefill["error"] and not decode["error"]
+    state = a["params"] + a["kv_cache"]
+    assert 0 <= prefill["argument"] - state <= 32 * 1024 and 0 <= decode["argument"] - state <= 32 * 1024
+    assert decode["alias"] >= 0.99 * a["kv_cache"]  # the cache is updated in place
+    (fit,) = plan["fits"]
+    assert fit["hardware"] == "TPU v5e-1" and fit["verdict"] == "fits" and plan["peak"] < 0.9 * 16 * GIB
+    # the analytic peak (state + one block's prefill activations) within 15% of XLA:TPU's
+    assert 0.85 <= plan["analytic_vs_compiled"] <= 1.15, plan["analytic_vs_compiled"]
+    compiled_flops = prefill["flops_per_device"] + decode["flops_per_device"]
+    assert 0.85 < compiled_flops / plan["flops_analytic"] < 1.15
+
+
+@pytest.mark.slow
+def test_compiled_for_v5e_1_full_fine_tuning_does_not_fit(v5e_1_plans):
+    plan = _compiled(v5e_1_plans, "train")
+    (train,) = plan["steps"]
+    assert "RESOURCE_EXHAUSTED" in train["error"] and "HBM" in train["error"]
+    a = plan["analytic"]
+    assert a["params"] == 4 * N6 and 2 * a["params"] <= a["opt_state"] <= 2 * a["params"] + 64
+    assert 0 <= train["argument"] - (a["params"] + a["opt_state"]) <= 32 * 1024  # f32 params + Adam state
+    (fit,) = plan["fits"]
+    assert fit["verdict"] == fit["verdict_analytic"] == "no"
+    assert train["temp"] > 16 * GIB  # the temporaries the compiler asked for alone exceed the chip
+
+
+def test_compile_for_without_libtpu_is_one_clear_error():
+    # A Python where `import libtpu` fails, as in a venv without the tpu-aot extra.
+    code = ("import sys; sys.modules['libtpu'] = None\n"
+            "from gptj_jax import cli\n"
+            "sys.exit(cli.main(['plan', '--config', 'gptj-6b', '--compile-for', 'v5e-1']))")
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    err = proc.stderr.strip().splitlines()
+    assert err == ["gptj-jax plan: error: RuntimeError: --compile-for v5e-1 needs libtpu (XLA:TPU's compiler), which "
+                   "is not installed: pip install 'gptj-jax[tpu-aot]'"], proc.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--mode", "lora"], "--mode lora: no compiled LoRA (bf16 base) step in this version of gptj_jax (compiled "
+                             "modes: bf16, full); `gptj-jax plan --modes` gives its analytic figures"),
+        (["--mode", "int8", "--compile-for", "v5e-1"], "--mode int8: no compiled int8 weight-only inference step"),
+        (["--compile-for", "v5e-8", "--mesh", "mp=4"], "--mesh 'mp=4' has 4 devices; TPU v5e-8 has 8"),
+        (["--train", "--mode", "bf16"], "--train with --mode bf16: bf16 is an inference mode"),
+        (["--modes", "--lora-rank", "0"], "--lora-rank must be >= 1, got 0"),
+        (["--modes", "--hardware", "v5e-1,tpu-v5e"], "unknown hardware 'tpu-v5e'; known: v2-8, v3-8, v4-8, v5e-1,"),
+    ],
+)
+def test_plan_mode_errors_are_one_line(config_file, capsys, argv, message):
+    from gptj_jax import cli
+
+    code = cli.main(["plan", "--config", config_file, "--seq", "32", *argv])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_choices_are_the_planner_tables():
+    # cli/plan.py repeats the names so that `gptj-jax plan --help` imports no jax: they must stay the same.
+    from gptj_jax import plan
+    from gptj_jax.cli import plan as cli_plan
+
+    assert cli_plan.TPU_TARGETS == plan.TPU_TARGETS == ("v2-8", "v3-8", "v4-8", "v5e-1", "v5e-4", "v5e-8", "v6e-1",
+                                                        "v6e-8", "v5p-8")
+    assert cli_plan.MODES == tuple(plan.MODES)

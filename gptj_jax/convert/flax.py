@@ -90,6 +90,7 @@ def write_into(directory: str, config: GPTJConfig, params: Mapping[str, Any]) ->
     """
     from gptj_jax.convert.hf import lm_head_tied
 
+    params = table.unstack_layers(params)  # scan_layers params are stored per layer, like every other
     head = table.head_of(params)
     leaves = table.flatten(params)
     embed = leaves["wte/embedding" if head == "base" else "transformer/wte/embedding"]

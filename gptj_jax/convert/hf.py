@@ -106,7 +106,7 @@ def check_params(config: GPTJConfig, params: Mapping[str, Any]) -> str:
         head = head_of(params)
     except ValueError as e:
         raise CheckpointError(f"params: {e}") from None
-    found = {p: np.shape(leaf) for p, leaf in table.flatten(params).items()}
+    found = {p: np.shape(leaf) for p, leaf in table.flatten(table.unstack_layers(params)).items()}
     table.check_tree(
         found, table.expected_param_shapes(config, head), where="params", what="leaf", model=table.describe(config, head)
     )
@@ -188,7 +188,7 @@ def save_pretrained(
     """
     head = check_params(config, params)
     tied = lm_head_tied(config, params)
-    flat = table.flatten(params)
+    flat = table.flatten(table.unstack_layers(params))  # scan_layers params: written per layer
     plan = []
     for p in table.expected_param_shapes(config, head):
         name, transform = table.ours_to_hf(p)

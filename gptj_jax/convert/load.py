@@ -559,7 +559,7 @@ class _Placer:
 
 def _restore_orbax(
     source: Source, config: GPTJConfig, head: Optional[str], shardings: Callable[[str], dict[str, Any]],
-    dtype: Optional[np.dtype], placer: _Placer,
+    dtype: Optional[np.dtype], placer: _Placer, post: Optional[Callable[[dict, list], None]] = None,
 ) -> tuple[str, dict[str, jax.Array]]:
     """Our orbax checkpoint restored by orbax into the target shardings, about the largest leaf at a time."""
     import orbax.checkpoint as ocp
@@ -611,12 +611,28 @@ def _restore_orbax(
             reads, bytes_read = reads + len(shards), bytes_read + sum(shards.values())
             max_read = max([max_read, *shards.values()])
         jax.block_until_ready([out[p] for p in group])
+        if post is not None:  # quantize this group now, before the next is restored
+            post(out, group)
     if placer.stats is not None:
         placer.stats.update(reads=reads, bytes_read=bytes_read, max_read_bytes=max_read)
     return head, out
 
 
 # ====================================================================================== load
+def live_device_bytes() -> int:
+    """Bytes of this process's live device buffers: every shard of ``jax.live_arrays()``, each buffer once
+    (two arrays that alias one buffer, as orbax's restore returns, count once)."""
+    seen: dict[tuple, int] = {}
+    for a in jax.live_arrays():
+        for s in a.addressable_shards:
+            try:
+                key = (s.device.id, s.data.unsafe_buffer_pointer())
+            except Exception:  # a backend without buffer pointers: count it as its own buffer
+                key = (s.device.id, id(s.data))
+            seen[key] = int(s.data.nbytes)
+    return sum(seen.values())
+
+
 def load(
     source: Union[PathLike, Source],
     *,
@@ -627,6 +643,9 @@ def load(
     rules: sh.Rules = sh.DEFAULT_RULES,
     config: Union[None, PathLike, GPTJConfig] = None,
     stats: Optional[dict[str, Any]] = None,
+    quantize: Optional[str] = None,
+    quantize_embeddings: bool = False,
+    adapter: Optional[PathLike] = None,
 ) -> tuple[GPTJConfig, Params]:
     """Load any GPT-J checkpoint into ``(config, params)``, each leaf placed straight onto ``mesh``.
 
@@ -647,10 +666,24 @@ def load(
         mesh-transformer-jax training JSON); required for mesh-transformer-jax checkpoints.
       stats: a dict to receive ``reads`` (blocks read), ``bytes_read``, ``max_read_bytes`` (the largest
         block read), ``largest_tensor_bytes``, ``blocks`` (per leaf, the shape of the largest block put on
-        any one device) and ``seconds``.
+        any one device) and ``seconds``; with ``quantize``, also ``peak_live_bytes``: the most bytes of live
+        jax arrays in the process seen after each tensor was placed (before it was quantized).
+      quantize: ``"int8"``: every matmul weight becomes a :class:`gptj_jax.quantize.QuantizedArray` (int8 +
+        float32 per-output-channel scales sharded like the weight) as soon as it is placed, tensor by tensor,
+        so the device never holds more than the int8 model plus one float tensor (in ``dtype``). None: no
+        quantization; anything else is a ValueError.
+      quantize_embeddings: with ``quantize``, also quantize ``wte`` (per token row) and ``lm_head``.
+      adapter: a LoRA adapter (a PEFT adapter directory, or a LoRA training run of ``gptj-jax train``) merged
+        into the loaded weights (``W + A @ B * alpha / r``, each kernel keeping its sharding); its shapes are
+        checked against the model first (a LoraError names the kernel and both shapes). Not with ``quantize``
+        (merging into int8 weights is an error: merge, convert, then quantize the merged checkpoint).
 
     Returns ``(config, params)``: params a nested dict of ``jax.Array`` in our layout (kernels ``[in, out]``),
-    e.g. ``params["transformer"]["h_0"]["attn"]["q_proj"]["kernel"]`` ``[n_embd, n_embd]``.
+    e.g. ``params["transformer"]["h_0"]["attn"]["q_proj"]["kernel"]`` ``[n_embd, n_embd]``. With
+    ``config.scan_layers`` (pass ``config=source_config(...).replace(scan_layers=True)``) the blocks are
+    read per layer through the same tables and then stacked (``table.stack_layers``, on the devices, into
+    the stacked shardings): ``params["transformer"]["h"]["attn"]["q_proj"]["kernel"]`` ``[n_layer, D, D]``;
+    the stacking briefly holds the blocks twice.
 
     Raises FileNotFoundError for a path that does not exist (and is no hub id), CheckpointError for a
     checkpoint that is malformed, truncated or disagrees with the config (naming file, tensor and
@@ -661,6 +694,21 @@ def load(
     src = resolve(source, revision)
     config = source_config(src, config)
     np_dtype = as_dtype(dtype)
+    from gptj_jax import quantize as qz
+
+    qz.check_scheme(quantize)
+    if adapter is not None:
+        from gptj_jax import lora
+
+        if quantize:
+            raise lora.LoraError(
+                f"load(adapter={os.fspath(adapter)!r}, quantize={quantize!r}): merging an adapter into an int8-quantized "
+                "base is not done silently; load without quantize (merged float weights), or export the merged model "
+                "(gptj-jax convert RUN OUT --to hf --merge-lora) and load that with quantize"
+            )
+        adapters, spec = lora.read_adapter(os.fspath(adapter), config)
+        config, params = load(src, mesh=mesh, dtype=dtype, head=head, rules=rules, config=config, stats=stats)
+        return config, lora.merge_placed(params, adapters, spec)
     if head is not None and head not in HEADS:
         raise ValueError(f"head={head!r} is not a head; expected one of {list(HEADS)}")
 
@@ -672,19 +720,42 @@ def load(
             )
             return {p: single for p in table.expected_param_shapes(config, head)}
         try:
-            return table.flatten(sh.param_shardings(config, mesh, head, rules))
+            return table.flatten(sh.param_shardings(config.replace(scan_layers=False), mesh, head, rules))
         except ValueError as e:
             raise ValueError(f"{src.spec}: cannot split the model over mesh {sh.describe_mesh(mesh)}: {e}") from None
 
     placer = _Placer(stats)
+    peak = [0]
+
+    def quantize_placed(out: dict, paths: list) -> None:
+        """Replace the placed float arrays ``out[p]`` (p in ``paths``) that are quantized by their int8 form."""
+        if stats is not None:
+            import gc
+
+            gc.collect()  # arrays only a reference cycle still holds are not held
+            peak[0] = max(peak[0], live_device_bytes())
+        for p in paths:
+            axis = qz.channel_axis(p, quantize_embeddings)
+            if axis is None:
+                continue
+            x = out[p]
+            qa = qz.quantize_array(x, axis, quantize)
+            jax.block_until_ready(qa)
+            placer.created.extend([qa.q, qa.scale])
+            out[p] = qa
+            x.delete()
+        if stats is not None:
+            stats["peak_live_bytes"] = peak[0]
+
+    post = quantize_placed if quantize else None
     if src.format == "flax":
         try:
-            head, flat = _restore_orbax(src, config, head, shardings, np_dtype, placer)
+            head, flat = _restore_orbax(src, config, head, shardings, np_dtype, placer, post)
         except BaseException:
             placer.abort()
             raise
         placer.done(t0)
-        return config, table.unflatten(flat)
+        return config, _stack_if_scanned(config, mesh, head, rules, table.unflatten(flat))
 
     tensors = _open(src, config, head, np_dtype)
     try:
@@ -693,14 +764,34 @@ def load(
         for path, shape in table.expected_param_shapes(config, tensors.head).items():
             _, stored_dtype, transpose = tensors.stored(path)
             leaves.append((path, shape, flat_shardings[path], stored_dtype, transpose))
-        flat = placer.run(leaves, np_dtype, tensors.read, tensors.location)
+        if post is None:
+            flat = placer.run(leaves, np_dtype, tensors.read, tensors.location)
+        else:  # one tensor at a time, each quantized as soon as it is placed
+            flat, totals = {}, {"reads": 0, "bytes_read": 0, "max_read_bytes": 0}
+            for leaf in leaves:
+                flat.update(placer.run([leaf], np_dtype, tensors.read, tensors.location))
+                post(flat, [leaf[0]])
+                if stats is not None:
+                    totals = {k: (max if k == "max_read_bytes" else sum)((totals[k], stats[k])) for k in totals}
+            if stats is not None:
+                stats.update(totals)
         placer.done(t0)
     except BaseException:
         placer.abort()
         raise
     finally:
         tensors.close()
-    return config, table.unflatten(flat)
+    return config, _stack_if_scanned(config, mesh, tensors.head, rules, table.unflatten(flat))
+
+
+def _stack_if_scanned(config: GPTJConfig, mesh: Optional[jax.sharding.Mesh], head: str, rules: sh.Rules,
+                      params: Params) -> Params:
+    """Per-layer params -> the stacked layout when ``config.scan_layers`` (else as they are)."""
+    if not config.scan_layers:
+        return params
+    if mesh is None:
+        return table.stack_layers(params)
+    return jax.jit(table.stack_layers, out_shardings=sh.param_shardings(config, mesh, head, rules))(params)
 
 
 def _open(src: Source, config: GPTJConfig, head: Optional[str], dtype: Optional[np.dtype]) -> _Tensors:

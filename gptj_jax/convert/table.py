@@ -223,6 +223,16 @@ def expected_param_shapes(config: GPTJConfig, head: str) -> dict[str, tuple[int,
     return out
 
 
+def model_param_shapes(config: GPTJConfig, head: str) -> dict[str, tuple[int, ...]]:
+    """``{our path: shape}`` of the params the model for ``config`` holds: :func:`expected_param_shapes`, with
+    the blocks stacked (``transformer/h/...`` ``[n_layer, ...]``) when ``config.scan_layers``."""
+    shapes = expected_param_shapes(config, head)
+    if not config.scan_layers:
+        return shapes
+    stacked = stack_layers(unflatten(shapes), stack=lambda leaves: (len(leaves),) + tuple(leaves[0]))
+    return flatten(stacked)
+
+
 # ---------------------------------------------------------------------- checks
 def fmt_shape(shape: Sequence[int]) -> str:
     """A shape as Python prints a tuple of ints: ``(2, 3)``, ``(5,)``, ``()`` (numpy / torch sizes too)."""
@@ -308,6 +318,82 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
             node = node.setdefault(key, {})
         node[keys[-1]] = value
     return out
+
+
+# ---------------------------------------------------------------------- stacked layers (scan_layers)
+# The one generic step between the per-layer layout every table above speaks (``h_{i}/...``) and the
+# stacked layout of ``GPTJConfig.scan_layers`` (``h/...`` with a leading [n_layer] axis): readers map
+# names through the tables per layer and then stack; writers unstack and then walk the tables.
+_LAYER_KEY = re.compile(r"^h_(\d+)$")
+STACKED_KEY = "h"
+
+
+def _layer_parent(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The dict holding the blocks: ``params["transformer"]`` or, for a bare model, ``params``."""
+    return params["transformer"] if "transformer" in params and isinstance(params["transformer"], Mapping) else params
+
+
+def is_stacked(params: Mapping[str, Any]) -> bool:
+    """True when ``params`` holds the blocks stacked (``transformer/h/...``), as ``scan_layers`` models do."""
+    return STACKED_KEY in _layer_parent(params)
+
+
+def stack_layers(params: Mapping[str, Any], stack: Optional[Callable[[list], Any]] = None) -> dict[str, Any]:
+    """Per-layer params (``h_0 .. h_{L-1}``) -> stacked (``h``, every leaf ``[L, ...]``), other keys as they are.
+
+    ``stack`` joins the L leaves of one path (default: ``jnp.stack`` for jax arrays, ``np.stack`` otherwise).
+    Raises CheckpointError when the layers are not ``h_0 .. h_{L-1}`` or differ in their leaves.
+    """
+    parent = _layer_parent(params)
+    layers = sorted((int(m.group(1)), k) for k in parent if (m := _LAYER_KEY.match(k)))
+    if [i for i, _ in layers] != list(range(len(layers))) or not layers:
+        raise CheckpointError(f"cannot stack layers {[k for _, k in layers]}: expected h_0 .. h_N")
+    flats = [flatten(parent[k]) for _, k in layers]
+    for (_, key), flat in zip(layers, flats):
+        if list(flat) != list(flats[0]):
+            raise CheckpointError(f"cannot stack layers: {key} has leaves {list(flat)}, h_0 {list(flats[0])}")
+
+    def default(leaves: list) -> Any:
+        if isinstance(leaves[0], np.ndarray):
+            return np.stack(leaves)
+        import jax.numpy as jnp
+
+        return jnp.stack(leaves)
+
+    stack = stack or default
+    stacked = unflatten({path: stack([flat[path] for flat in flats]) for path in flats[0]})
+    first = layers[0][1]
+    out_parent: dict[str, Any] = {}
+    for key, value in parent.items():  # keep the table's order: the stack where h_0 was
+        if key == first:
+            out_parent[STACKED_KEY] = stacked
+        elif not _LAYER_KEY.match(key):
+            out_parent[key] = value
+    if parent is params:
+        return out_parent
+    return {k: (out_parent if k == "transformer" else v) for k, v in params.items()}
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`stack_layers`: stacked ``h`` -> ``h_0 .. h_{L-1}`` (views / slices, no math).
+    Params that are not stacked are returned as they are."""
+    if not is_stacked(params):
+        return dict(params)
+    parent = _layer_parent(params)
+    flat = flatten(parent[STACKED_KEY])
+    n = {int(np.shape(leaf)[0]) for leaf in flat.values()}
+    if len(n) != 1:
+        raise CheckpointError(f"stacked layers disagree on the layer count: {sorted(n)}")
+    out_parent: dict[str, Any] = {}
+    for key, value in parent.items():
+        if key == STACKED_KEY:
+            for i in range(n.pop() if n else 0):
+                out_parent[f"h_{i}"] = unflatten({path: leaf[i] for path, leaf in flat.items()})
+        else:
+            out_parent[key] = value
+    if parent is params:
+        return out_parent
+    return {k: (out_parent if k == "transformer" else v) for k, v in params.items()}
 
 
 def architecture_of(params: Mapping[str, Any]) -> str:

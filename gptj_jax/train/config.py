@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from gptj_jax.config import GPTJConfig, preset_names
+from gptj_jax.config import ATTENTION_IMPLS, GPTJConfig, preset_names
 from gptj_jax.convert.mtj import MTJ_SHAPE_KEYS
 from gptj_jax.dtypes import DTYPE_NAMES
 
@@ -113,12 +113,19 @@ class TrainConfig:
     dtype: str = _key("bfloat16", "compute dtype: `float32`, `bfloat16` or `float16`")
     param_dtype: str = _key("float32", "master parameter and optimizer state dtype")
     remat: str = _key("none", "rematerialisation per block: `none`, `dots`, `dots_no_batch`, `full`")
+    attention: str = _key("auto", "attention implementation (the model config's `attention`): `auto` (by backend: "
+                          "`xla` on CPU, `cudnn` on GPU, `splash` on TPU), `xla`, `cudnn`, `pallas_flash`, `splash`")
+    scan_layers: bool = _key(False, "run the blocks under `nn.scan` (params stacked on a leading `layers` axis; "
+                             "one block compiled instead of `layers`); `forward: gspmd` only")
     forward: str = _key("gspmd", "`gspmd` (the linen model under `jit`, XLA places the collectives) or `shard_map` "
                         "(explicit Megatron layout from `gptj_jax/tp.py`, vocab-parallel loss; no dropout or remat)")
     dropout: Optional[float] = _key(None, "sets `resid_pdrop`, `embd_pdrop` and `attn_pdrop` of the model (null: the "
                                     "model's; mtj trained GPT-J without dropout)")
     z_loss: float = _key(0.0, "coefficient of mtj's z-loss (mtj used 1e-4): adds "
                          "`z * log(sum(exp(logits - max)))^2` per token")
+    loss_block_size: int = _key(8192, "cross entropy in blocks of this many vocabulary columns (forward and backward "
+                                "recompute each block's logits), so the `[batch, seq, n_vocab]` logits are never "
+                                "held; same loss and gradients; 0: full logits")
     seed: int = _key(0, "seed of the random init, the data order and dropout")
     shuffle: bool = _key(True, "shuffle training records (per epoch, from `seed`)")
     data_workers: int = _key(0, "grain worker processes reading records (0: in the main process)")
@@ -133,6 +140,14 @@ class TrainConfig:
                                        "timed at startup)")
     progress: bool = _key(True, "show a progress bar")
     tensorboard: bool = _key(True, "write TensorBoard event files (when `tensorboardX` is installed)")
+    # ---- LoRA (gptj_jax/lora.py): on when lora_rank > 0; needs `model` (the frozen base)
+    lora_rank: int = _key(0, "LoRA rank r (0: full fine-tuning); only the adapters train, the `model` base is frozen")
+    lora_alpha: float = _key(16.0, "LoRA alpha: the adapter output is scaled by `lora_alpha / lora_rank`")
+    lora_dropout: float = _key(0.0, "dropout on the adapters' input, in [0, 1)")
+    lora_targets: str = _key(r"transformer/h_\d+/(attn/(q|k|v|out)_proj|mlp/fc_(in|out))/kernel",
+                             "regex matched in full against kernel paths: which kernels get adapters")
+    lora_base_dtype: Optional[str] = _key(None, "dtype of the frozen base weights (null: `param_dtype`)")
+    lora_base_quantize: Optional[str] = _key(None, "`int8`: the frozen base is int8 weight-only (QLoRA-style)")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -329,7 +344,7 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         value = getattr(cfg, key)
         if value is not None and value <= 0:
             raise TrainConfigError(f"{source}: key {key!r} must be > 0, got {value}")
-    for key in ("warmup_steps", "data_workers"):
+    for key in ("warmup_steps", "data_workers", "loss_block_size"):
         if getattr(cfg, key) < 0:
             raise TrainConfigError(f"{source}: key {key!r} must be >= 0, got {getattr(cfg, key)}")
     for key in ("lr", "weight_decay", "z_loss", "clip_norm"):
@@ -341,9 +356,20 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         raise TrainConfigError(f"{source}: key 'norm' must be 'layernorm' (GPT-J), got {cfg.norm!r}")
     if cfg.pe != "rotary":
         raise TrainConfigError(f"{source}: key 'pe' must be 'rotary' (GPT-J), got {cfg.pe!r}")
-    for key, allowed in (("dtype", DTYPE_NAMES), ("param_dtype", DTYPE_NAMES), ("remat", REMATS), ("forward", FORWARDS)):
+    for key, allowed in (("dtype", DTYPE_NAMES), ("param_dtype", DTYPE_NAMES), ("remat", REMATS), ("forward", FORWARDS),
+                         ("attention", ATTENTION_IMPLS)):
         if getattr(cfg, key) not in allowed:
             raise TrainConfigError(f"{source}: key {key!r} must be one of {list(allowed)}, got {getattr(cfg, key)!r}")
+    if cfg.scan_layers and cfg.forward == "shard_map":
+        raise TrainConfigError(f"{source}: key 'scan_layers' needs 'forward: gspmd' (the shard_map forward is unrolled)")
+    if cfg.lora_rank < 0:
+        raise TrainConfigError(f"{source}: key 'lora_rank' must be >= 0, got {cfg.lora_rank}")
+    if cfg.lora_rank and not cfg.model:
+        raise TrainConfigError(f"{source}: key 'lora_rank' needs key 'model': the base checkpoint the adapters train on")
+    if cfg.lora_base_dtype is not None and cfg.lora_base_dtype not in DTYPE_NAMES:
+        raise TrainConfigError(f"{source}: key 'lora_base_dtype' must be one of {list(DTYPE_NAMES)}, got {cfg.lora_base_dtype!r}")
+    if cfg.lora_base_quantize not in (None, "int8"):
+        raise TrainConfigError(f"{source}: key 'lora_base_quantize' must be null or 'int8', got {cfg.lora_base_quantize!r}")
     if not cfg.model_dir:
         raise TrainConfigError(f"{source}: key 'model_dir' is empty")
     if not cfg.train_set:
@@ -420,6 +446,7 @@ def model_config_for(cfg: TrainConfig, loaded: Optional[GPTJConfig] = None) -> G
             model_cfg = base.replace(**changes)
         except ValueError as e:
             raise TrainConfigError(f"model shape from the config keys: {e}") from None
+    model_cfg = model_cfg.replace(attention=cfg.attention, scan_layers=cfg.scan_layers)
     if cfg.dropout is not None:
         model_cfg = model_cfg.replace(resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout)
     if cfg.seq > model_cfg.n_positions:

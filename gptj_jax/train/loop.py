@@ -328,6 +328,14 @@ def train(cfg: TrainConfig) -> dict:
         model_cfg = model_config_for(cfg, _checkpoint_config(cfg.model))
     else:
         model_cfg = model_config_for(cfg)
+    lora_spec = None
+    if cfg.lora_rank:  # LoRA: adapters on the frozen `model` base (gptj_jax/lora.py)
+        from gptj_jax.lora import LoraError, make_spec
+
+        try:
+            lora_spec = make_spec(model_cfg, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        except LoraError as e:
+            raise TrainConfigError(str(e)) from None
 
     harness = _harness(cfg, model_cfg, mesh, micro) if cfg.eval_harness_tasks else None
 
@@ -358,7 +366,8 @@ def train(cfg: TrainConfig) -> dict:
         mngr.close()
         raise
     param_dtype = DTYPES[cfg.param_dtype]
-    scfg = step_lib.StepConfig(model_cfg, cfg.dtype, cfg.remat, cfg.forward, cfg.z_loss, k)
+    scfg = step_lib.StepConfig(model_cfg, cfg.dtype, cfg.remat, cfg.forward, cfg.z_loss, k, cfg.loss_block_size,
+                               lora_spec, cfg.lora_base_quantize if lora_spec is not None else None)
     try:
         optimizer, schedule, shardings, train_step, eval_step = _steps(scfg, mesh, OptimizerConfig.from_train_config(cfg))
     except ValueError as e:
@@ -370,12 +379,29 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- state: restored, loaded or random
     meta: dict = {}
+    base, step_args, eval_fn = None, (), eval_step
+    if lora_spec is not None:  # the frozen base, loaded (and quantized) tensor by tensor onto the mesh
+        from gptj_jax.convert.load import load
+
+        _, base = load(cfg.model, mesh=mesh, dtype=DTYPES[cfg.lora_base_dtype or cfg.param_dtype], head="causal_lm",
+                       config=model_cfg, quantize=cfg.lora_base_quantize)
+        step_args = (base,)
+        eval_fn = lambda p, b: eval_step(p, b, base)  # noqa: E731
     if latest is not None:
         abstract = step_lib.abstract_state(scfg, mesh, optimizer, param_dtype)
         state, meta = _restore(mngr, latest, abstract, iterator)
         source = f"resumed from {model_dir}/{latest}"
     else:
-        if cfg.model:
+        if lora_spec is not None:
+            from gptj_jax.lora import init_adapters, save_run_file
+
+            params = jax.device_put(init_adapters(model_cfg, lora_spec, jax.random.PRNGKey(cfg.seed), param_dtype),
+                                    shardings["params"])
+            source = f"LoRA r={lora_spec.rank} on {len(lora_spec.paths)} kernels of {cfg.model} (frozen)"
+            if jax.process_index() == 0:
+                save_run_file(model_dir, lora_spec, cfg.model, cfg.lora_targets, cfg.lora_base_dtype,
+                              cfg.lora_base_quantize)
+        elif cfg.model:
             from gptj_jax.convert.load import load
 
             # each weight straight onto the mesh, in param_dtype; the config the keys checked is the one used
@@ -415,7 +441,7 @@ def train(cfg: TrainConfig) -> dict:
     def run_eval(step: int) -> dict:
         row: dict = {"step": step}
         for name, records in val_records.items():
-            r = evaluate(state["params"], eval_step, records, micro, cfg.val_batches, eval_sharding)
+            r = evaluate(state["params"], eval_fn, records, micro, cfg.val_batches, eval_sharding)
             row[f"val_{name}_loss"] = r["loss"]
             row[f"val_{name}_ppl"] = r["ppl"]
         if len(row) > 1:
@@ -436,7 +462,7 @@ def train(cfg: TrainConfig) -> dict:
                 local = next(iterator)  # [k * micro / processes, seq + 1] uint16
                 local = local.reshape(k, -1, local.shape[-1])
                 batch = jax.make_array_from_process_local_data(batch_sharding, local)
-                state, metrics = train_step(state, batch)
+                state, metrics = train_step(state, batch, *step_args)
                 metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
                 dt = time.perf_counter() - t0
                 step += 1
@@ -479,7 +505,8 @@ def train(cfg: TrainConfig) -> dict:
         mngr.wait_until_finished()
         mngr.close()
         logger.close()
-    summary["final_params"] = state["params"]
+    summary["final_params"] = state["params"]  # with LoRA: the adapters
+    summary["base_params"] = base
     summary["model_config"] = model_cfg
     summary["mesh"] = mesh
     summary["latest_checkpoint"] = step

@@ -13,10 +13,12 @@ The micro-batch gradients are summed in float32 by a ``lax.scan`` and the optimi
 mtj's chain) divides by k.
 
 Loss per token: ``losses.token_cross_entropy`` (float32), plus mtj's optional z-loss
-``z * log(sum(exp(l - max(l))))^2``. Two forwards: ``gspmd`` (the linen model under jit; XLA places the
-collectives from the param and batch shardings) and ``shard_map`` (``tp.shard_map_loss``: the explicit
-Megatron forward; logits stay split over the vocabulary on ``mp`` and the loss is vocab-parallel: one
-``pmax`` and one ``psum`` over ``mp``, never gathering V).
+``z * log(sum(exp(l - max(l))))^2``. With ``loss_block_size > 0`` it is ``losses.blockwise_cross_entropy``
+on the final hidden states and the ``lm_head`` params instead: the same numbers (to float32 rounding)
+without ever holding the ``[b, seq, V]`` logits. Two forwards: ``gspmd`` (the linen model under jit; XLA
+places the collectives from the param and batch shardings) and ``shard_map`` (``tp.shard_map_loss``: the
+explicit Megatron forward; logits stay split over the vocabulary on ``mp`` and the loss is vocab-parallel:
+one ``pmax`` and one ``psum`` over ``mp``, never gathering V).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import dataclasses
 import functools
 from typing import Any, Callable, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -35,8 +38,8 @@ from jax.sharding import PartitionSpec as P
 from gptj_jax import sharding as sh
 from gptj_jax.config import GPTJConfig
 from gptj_jax.dtypes import DTYPES
-from gptj_jax.losses import token_cross_entropy
-from gptj_jax.model import model_for
+from gptj_jax.losses import blockwise_cross_entropy, token_cross_entropy
+from gptj_jax.model import GPTJModel, model_for
 
 Array = jax.Array
 
@@ -51,6 +54,13 @@ class StepConfig:
     forward: str = "gspmd"  # or "shard_map"
     z_loss: float = 0.0
     grad_accum: int = 1
+    loss_block_size: int = 0  # > 0: blockwise cross entropy over this many vocabulary columns at a time
+    lora: Optional[Any] = None  # lora.LoraSpec: train adapters on a frozen base passed to the step
+    lora_base_quantize: Optional[str] = None  # "int8": the base is quantize.py's int8 tree
+
+    def __post_init__(self) -> None:
+        if self.loss_block_size < 0:
+            raise ValueError(f"loss_block_size must be >= 0 (0: full logits), got {self.loss_block_size}")
 
     @property
     def deterministic(self) -> bool:
@@ -59,16 +69,64 @@ class StepConfig:
 
 
 # ---------------------------------------------------------------------------------------- losses
-def make_loss_fn(cfg: StepConfig, mesh: Mesh) -> Callable[[Any, Array, Array], tuple[Array, dict]]:
-    """``loss(params, tokens [b, seq+1] int32, rng) -> (mean ce + mean z, {"ce", "z"})`` for one micro-batch."""
+class _CausalLMTrunk(nn.Module):
+    """``GPTJForCausalLM`` without its ``lm_head`` matmul: the final hidden states ``[B, T, D]`` float32.
+
+    Its ``GPTJModel`` sits at the same scope (``transformer``) as in the causal LM, so it takes the same
+    params and draws the same dropout masks.
+    """
+
+    config: GPTJConfig
+    dtype: Any = jnp.float32
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(self, input_ids: Array, deterministic: bool) -> Array:
+        model = GPTJModel(self.config, self.dtype, remat_policy=self.remat_policy, name="transformer")
+        return model(input_ids, deterministic=deterministic).last_hidden_state
+
+
+def make_loss_fn(cfg: StepConfig, mesh: Mesh, train: bool = True) -> Callable[..., tuple[Array, dict]]:
+    """``loss(params, tokens [b, seq+1] int32, rng) -> (mean ce + mean z, {"ce", "z"})`` for one micro-batch.
+    With ``cfg.lora``: ``loss(adapters, tokens, rng, base)`` (LoRA dropout only when ``train``; the loss over
+    the full logits: the blockwise loss reads the lm_head params directly, which LoRA's context does not see)."""
     dtype = DTYPES[cfg.dtype]
+    if cfg.lora is not None and cfg.forward != "gspmd":
+        raise ValueError("LoRA (lora_rank > 0) runs with forward=gspmd only")
+    if cfg.forward == "gspmd" and cfg.loss_block_size and cfg.lora is None:
+        trunk = _CausalLMTrunk(cfg.model, dtype, cfg.remat)
+        vocab_shards = sh.axis_size(mesh, sh.logical_to_mesh(("vocab",))[0])
+
+        def blockwise_loss(params, tokens, rng, base=None):
+            inputs, targets = tokens[:, :-1], tokens[:, 1:]
+            rngs = None if cfg.deterministic else {"dropout": rng}
+            variables = {"params": {"transformer": params["transformer"]}}
+            h = trunk.apply(variables, inputs, cfg.deterministic, rngs=rngs)  # [b, seq, D] float32
+            head = params["lm_head"]
+            ce, z, _ = blockwise_cross_entropy(
+                h.astype(dtype), head["kernel"], head["bias"], targets, block_size=cfg.loss_block_size,
+                z_loss=cfg.z_loss, vocab_shards=vocab_shards,
+            )
+            return jnp.mean(ce) + jnp.mean(z), {"ce": jnp.mean(ce), "z": jnp.mean(z)}
+
+        return blockwise_loss
     if cfg.forward == "gspmd":
         module = model_for(cfg.model, "causal_lm", dtype=dtype, remat_policy=cfg.remat)
 
-        def loss(params, tokens, rng):
+        def apply(params, inputs, rngs, rng, base):
+            if cfg.lora is None:
+                return module.apply({"params": params}, inputs, deterministic=cfg.deterministic, rngs=rngs).logits
+            from gptj_jax.lora import lora_context
+            from gptj_jax.quantize import dequantize
+
+            with lora_context(params, cfg.lora, rng=jax.random.fold_in(rng, 0x10AA), deterministic=not train):
+                return module.apply({"params": dequantize(base)}, inputs, deterministic=cfg.deterministic,
+                                    rngs=rngs).logits
+
+        def loss(params, tokens, rng, base=None):
             inputs, targets = tokens[:, :-1], tokens[:, 1:]
             rngs = None if cfg.deterministic else {"dropout": rng}
-            logits = module.apply({"params": params}, inputs, deterministic=cfg.deterministic, rngs=rngs).logits
+            logits = apply(params, inputs, rngs, rng, base)
             ce, z, _ = token_cross_entropy(logits, targets, z_loss=cfg.z_loss)
             return jnp.mean(ce) + jnp.mean(z), {"ce": jnp.mean(ce), "z": jnp.mean(z)}
 
@@ -80,9 +138,11 @@ def make_loss_fn(cfg: StepConfig, mesh: Mesh) -> Callable[[Any, Array, Array], t
         raise ValueError("forward=shard_map has no dropout: set resid_pdrop, embd_pdrop and attn_pdrop to 0 or use forward=gspmd")
     if cfg.remat != "none":
         raise ValueError(f"forward=shard_map does not rematerialise (remat={cfg.remat!r}): use remat=none or forward=gspmd")
-    sharded = tpmod.shard_map_loss(cfg.model, mesh, dtype, sh.DEFAULT_RULES, z_loss=cfg.z_loss, ignore_index=None)
+    sharded = tpmod.shard_map_loss(
+        cfg.model, mesh, dtype, sh.DEFAULT_RULES, z_loss=cfg.z_loss, ignore_index=None, block_size=cfg.loss_block_size
+    )
 
-    def loss(params, tokens, rng):  # no mask: every row is a full record, positions 0..seq-1
+    def loss(params, tokens, rng, base=None):  # no mask: every row is a full record, positions 0..seq-1
         ce, z = sharded(params, tokens[:, :-1], tokens[:, 1:])
         return ce + z, {"ce": ce, "z": z}
 
@@ -98,12 +158,33 @@ def batch_spec_sharding(mesh: Mesh) -> NamedSharding:
 def state_shardings(cfg: StepConfig, mesh: Mesh, optimizer: optax.GradientTransformation, param_dtype: Any) -> dict:
     """NamedSharding pytree of the train state on ``mesh`` (params by the rules, optimizer state like its params)."""
     params_sh = sh.param_shardings(cfg.model, mesh, "causal_lm")
+    if cfg.lora is not None:  # the adapters (small): replicated
+        params_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), _trained_shapes(cfg))
     abstract = jax.eval_shape(
-        lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, param_dtype), _param_shapes(cfg.model))
+        lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, param_dtype), _trained_shapes(cfg))
     )
     opt_sh = sh.opt_state_shardings(optimizer, abstract, params_sh)
     replicated = NamedSharding(mesh, P())
     return {"step": replicated, "params": params_sh, "opt_state": opt_sh, "rng": replicated}
+
+
+def _trained_shapes(cfg: StepConfig) -> Any:
+    """Shapes of what the optimizer trains: the params, or with LoRA the adapters."""
+    if cfg.lora is not None:
+        from gptj_jax.lora import adapter_shapes
+
+        return adapter_shapes(cfg.model, cfg.lora)
+    return _param_shapes(cfg.model)
+
+
+def base_shardings(cfg: StepConfig, mesh: Mesh) -> Any:
+    """With LoRA: the shardings of the frozen base (by the rules; an int8 base's scales with their kernels)."""
+    shardings = sh.param_shardings(cfg.model, mesh, "causal_lm")
+    if cfg.lora_base_quantize:
+        from gptj_jax import quantize
+
+        shardings = quantize.shardings(quantize.abstract_params(_param_shapes(cfg.model)), shardings)
+    return shardings
 
 
 @functools.lru_cache(maxsize=8)
@@ -116,7 +197,7 @@ def _param_shapes(config: GPTJConfig) -> Any:
 def abstract_state(cfg: StepConfig, mesh: Mesh, optimizer: optax.GradientTransformation, param_dtype: Any) -> dict:
     """``ShapeDtypeStruct`` pytree (with shardings) of the train state: the restore target."""
     shardings = state_shardings(cfg, mesh, optimizer, param_dtype)
-    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype), _param_shapes(cfg.model))
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype), _trained_shapes(cfg))
     opt = jax.eval_shape(optimizer.init, params)
     tree = {
         "step": jax.ShapeDtypeStruct((), jnp.int32),
@@ -151,21 +232,21 @@ def make_train_step(
     loss_fn = make_loss_fn(cfg, mesh)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: dict, batch: Array) -> tuple[dict, dict]:
-        params = state["params"]
+    def step(state: dict, batch: Array, base: Any = None) -> tuple[dict, dict]:
+        params = state["params"]  # with LoRA: the adapters; the frozen base comes as ``base``
         rng, step_rng = jax.random.split(state["rng"])
         tokens = batch.astype(jnp.int32)  # [k, b, seq+1]
 
         def micro(carry, xs):
             grads, ce, z = carry
             toks, i = xs
-            (_, aux), g = grad_fn(params, toks, jax.random.fold_in(step_rng, i))
+            (_, aux), g = grad_fn(params, toks, jax.random.fold_in(step_rng, i), base)
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
             return (grads, ce + aux["ce"], z + aux["z"]), None
 
         k = tokens.shape[0]
         if k == 1:  # no accumulator: the gradient goes straight to the optimizer
-            (_, aux), grads = grad_fn(params, tokens[0], jax.random.fold_in(step_rng, 0))
+            (_, aux), grads = grad_fn(params, tokens[0], jax.random.fold_in(step_rng, 0), base)
             ce, z = aux["ce"], aux["z"]
         else:
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -183,9 +264,12 @@ def make_train_step(
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": rng}
         return new_state, metrics
 
+    in_shardings = (shardings, batch_spec_sharding(mesh))
+    if cfg.lora is not None:
+        in_shardings += (base_shardings(cfg, mesh),)
     return jax.jit(
         step,
-        in_shardings=(shardings, batch_spec_sharding(mesh)),
+        in_shardings=in_shardings,
         out_shardings=(shardings, NamedSharding(mesh, P())),
         donate_argnums=(0,),
     )
@@ -196,16 +280,15 @@ def make_eval_step(cfg: StepConfig, mesh: Mesh, params_shardings: Any) -> Callab
     cfg = dataclasses.replace(cfg, z_loss=0.0, remat="none")
     if not cfg.deterministic:
         cfg = dataclasses.replace(cfg, model=cfg.model.replace(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    loss_fn = make_loss_fn(cfg, mesh)
+    loss_fn = make_loss_fn(cfg, mesh, train=False)
 
-    def step(params, batch):
+    def step(params, batch, base=None):
         tokens = batch.astype(jnp.int32)
-        _, aux = loss_fn(params, tokens, jax.random.PRNGKey(0))
+        _, aux = loss_fn(params, tokens, jax.random.PRNGKey(0), base)
         n = jnp.float32(tokens.shape[0] * (tokens.shape[1] - 1))
         return jnp.stack([aux["ce"] * n, n])
 
-    return jax.jit(
-        step,
-        in_shardings=(params_shardings, sh.logical_sharding(mesh, ("batch", "length"))),
-        out_shardings=NamedSharding(mesh, P()),
-    )
+    in_shardings = (params_shardings, sh.logical_sharding(mesh, ("batch", "length")))
+    if cfg.lora is not None:
+        in_shardings += (base_shardings(cfg, mesh),)
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=NamedSharding(mesh, P()))
