@@ -88,6 +88,10 @@ class GPTJLM(TemplateLM):
         seed: int = 1234,
         max_batch_size: Optional[int] = None,
         device: Optional[str] = None,
+        attention: Optional[str] = None,
+        scan_layers: Optional[bool] = None,
+        quantize: Optional[str] = None,
+        quantize_embeddings: bool = False,
     ) -> None:
         super().__init__()
         import gptj_jax
@@ -114,7 +118,13 @@ class GPTJLM(TemplateLM):
         if (model is None) == (params is None):
             raise EvalHarnessError("pass either model=SOURCE (a checkpoint) or config= and params= (in memory)")
         if model is not None:
-            config, params = gptj_jax.load(model, mesh=mesh, dtype=self.dtype, revision=revision, head="causal_lm")
+            from gptj_jax.convert.load import resolve, source_config
+
+            source = resolve(model, revision)
+            overrides = {k: v for k, v in (("attention", attention), ("scan_layers", scan_layers)) if v is not None}
+            config = source_config(source, None).replace(**overrides)
+            config, params = gptj_jax.load(source, mesh=mesh, dtype=self.dtype, config=config, head="causal_lm",
+                                           quantize=quantize, quantize_embeddings=quantize_embeddings)
             if tokenizer is None:
                 tokenizer = gptj_jax.load_tokenizer(model, revision=revision)
         elif not isinstance(config, gptj_jax.GPTJConfig):

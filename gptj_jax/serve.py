@@ -965,12 +965,15 @@ def serve(
     grace: float = 30.0,
     log_level: str = "info",
     ready_message: bool = True,
+    quantize: Optional[str] = None,
+    quantize_embeddings: bool = False,
 ) -> int:
     """Load ``model`` (anything :func:`gptj_jax.load` reads), build the engine and serve it until SIGTERM /
     Ctrl-C; returns the exit code (0 after a graceful shutdown, 1 if the warm-up failed).
 
     ``mesh``: a ``jax.sharding.Mesh`` or a ``"dp=..,fsdp=..,mp=.."`` string. ``max_len``: cache slots per
     request (default ``n_positions``). ``grace``: seconds in-flight requests get to finish after SIGTERM.
+    ``quantize="int8"``: int8 weight-only weights, quantized as they load (``gptj_jax.load``'s).
     """
     import uvicorn
 
@@ -982,7 +985,8 @@ def serve(
 
         mesh = mesh_from_string(mesh)
     tok = load_tokenizer(tokenizer if tokenizer is not None else getattr(model, "path", model))
-    cfg, params = load(model, mesh=mesh, dtype=dtype, revision=revision, config=config, head="causal_lm")
+    cfg, params = load(model, mesh=mesh, dtype=dtype, revision=revision, config=config, head="causal_lm",
+                       quantize=quantize, quantize_embeddings=quantize_embeddings)
     llm = LLM(cfg, params, max_slots=max_slots, max_len=max_len, dtype=dtype, mesh=mesh, tokenizer=tok,
               max_waiting=max_waiting)
     name = served_model_name or str(getattr(model, "spec", model)).rstrip("/")

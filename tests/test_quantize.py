@@ -204,3 +204,33 @@ def test_unknown_scheme_is_one_clear_error(trained, scheme):
     assert f"'{scheme}' is not a quantization scheme" in lines[0]
     if scheme == "int4":
         assert "int4 / fp8 are not implemented" in lines[0]
+
+
+def test_lm_eval_adapter_takes_int8_like_load(trained):
+    """``GPTJLM(model=..., quantize="int8")`` (what ``gptj-jax lm-eval --quantize int8`` builds) scores with the
+    int8 weights: its log-likelihoods equal ``gptj_jax.score`` on ``load(..., quantize="int8")`` exactly."""
+    from lm_eval.api.instance import Instance
+
+    from gptj_jax.eval_harness import GPTJLM
+
+    lm = GPTJLM(model=trained["hf"], quantize="int8", dtype="float32", batch_size=2)
+    config, params = gptj_jax.load(trained["hf"], quantize="int8", dtype="float32")
+    assert isinstance(lm.params["transformer"]["h_0"]["mlp"]["fc_in"]["kernel"], qz.QuantizedArray)
+    tok = gptj_jax.load_tokenizer(trained["hf"])
+    pairs = [("The fox and the", " grapes"), ("Once upon a time", " there was a crow")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
+    want = gptj_jax.score(config, params, [(tok(c)["input_ids"], tok(x)["input_ids"]) for c, x in pairs],
+                          dtype="float32")
+    for (ll, greedy), w in zip(got, want):
+        assert ll == pytest.approx(float(w.sum), abs=1e-5) and greedy == w.is_greedy
+
+
+@pytest.mark.parametrize("verb", ["serve", "lm-eval"])
+def test_serve_and_lm_eval_refuse_an_unknown_scheme(trained, verb):
+    argv = {"serve": ["serve", "--model", trained["hf"]], "lm-eval": ["lm-eval", "--model", trained["hf"], "--tasks", "x"]}
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "gptj_jax.cli", *argv[verb], "--quantize", "int4"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"gptj-jax {verb}: error: ValueError: --quantize='int4' is not a quantization scheme")

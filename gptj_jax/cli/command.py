@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+from gptj_jax.config import ATTENTION_IMPLS
 
 
 class Command(NamedTuple):
@@ -19,3 +21,26 @@ class Command(NamedTuple):
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+
+
+# ---------------------------------------------------------------------------------------- model flags
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of every verb that loads a model to run it (generate, serve, lm-eval): how the model
+    computes (attention implementation, layers under ``nn.scan``) and int8 weight-only quantization."""
+    p.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto",
+                   help="attention implementation (default auto: xla on CPU, cudnn on GPU, splash on TPU)")
+    p.add_argument("--scan-layers", action="store_true", help="run the blocks under nn.scan (stacked params; faster compile)")
+    p.add_argument("--quantize", metavar="SCHEME", help="int8: int8 weight-only matmul weights, quantized as they load")
+    p.add_argument("--quantize-embeddings", action="store_true", help="with --quantize, also quantize wte and lm_head")
+
+
+def model_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The checked values of :func:`add_model_flags`' flags: ``{attention, scan_layers, quantize,
+    quantize_embeddings}`` (the keywords of ``serve``, ``GPTJLM`` and, bar the first two, ``gptj_jax.load``)."""
+    from gptj_jax.quantize import check_scheme
+
+    check_scheme(args.quantize, "--quantize")
+    if args.quantize_embeddings and not args.quantize:
+        raise ValueError("--quantize-embeddings needs --quantize int8")
+    return dict(attention=args.attention, scan_layers=args.scan_layers, quantize=args.quantize,
+                quantize_embeddings=args.quantize_embeddings)

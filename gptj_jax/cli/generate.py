@@ -30,8 +30,7 @@ import sys
 import time
 from typing import Any, Optional
 
-from gptj_jax.cli.command import Command
-from gptj_jax.config import ATTENTION_IMPLS
+from gptj_jax.cli.command import Command, add_model_flags, model_flags
 from gptj_jax.dtypes import DTYPE_NAMES
 
 HELP = "generate text with a GPT-J model (one prompt, or a JSONL file of prompts)"
@@ -73,11 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-interval", type=int, default=4, metavar="K", help="decode steps per streamed chunk")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="batch mode: prompts per batch (default 8)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="cast the weights (and compute) to this dtype (default: as stored)")
-    p.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto",
-                   help="attention implementation (default auto: xla on CPU, cudnn on GPU, splash on TPU)")
-    p.add_argument("--scan-layers", action="store_true", help="run the blocks under nn.scan (stacked params; faster compile)")
-    p.add_argument("--quantize", metavar="SCHEME", help="int8: int8 weight-only matmul weights, quantized as they load")
-    p.add_argument("--quantize-embeddings", action="store_true", help="with --quantize, also quantize wte and lm_head")
+    add_model_flags(p)
     p.add_argument("--logprobs", action="store_true", help="batch mode: also write each new token's log-probability")
     p.add_argument(
         "--compilation-cache", nargs="?", const="", default=None, metavar="DIR",
@@ -167,11 +162,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the verb; exceptions propagate (:func:`gptj_jax.cli.main` turns them into one error line)."""
     _check_flags(args)
     sampling = _sampling_kwargs(args)
-    from gptj_jax.quantize import check_scheme
-
-    check_scheme(args.quantize, "--quantize")
-    if args.quantize_embeddings and not args.quantize:
-        raise ValueError("--quantize-embeddings needs --quantize int8")
+    flags = model_flags(args)
     source, config = _model(args)
 
     from gptj_jax import batch
@@ -197,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         enable_compilation_cache(args.compilation_cache or None)
     mesh = _mesh(args.mesh)
     config, params = load(source, mesh=mesh, dtype=args.dtype, config=config, head="causal_lm",
-                          quantize=args.quantize, quantize_embeddings=args.quantize_embeddings)
+                          quantize=flags["quantize"], quantize_embeddings=flags["quantize_embeddings"])
     common = dict(
         max_new_tokens=max_new, min_new_tokens=args.min_new_tokens, **sampling,
         eos_token_id=[] if args.no_eos else args.eos_token_id, stop_strings=args.stop or None,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from gptj_jax.cli.command import Command
+from gptj_jax.cli.command import Command, add_model_flags, model_flags
 from gptj_jax.dtypes import DTYPE_NAMES
 
 HELP = "run lm-evaluation-harness tasks on a GPT-J model (in-process adapter)"
@@ -42,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="cast the weights (and compute) to this dtype "
                    "(default: as stored)")
     p.add_argument("--mesh", metavar="dp=A,fsdp=B,mp=C", default=None, help="device mesh (default: one device)")
+    add_model_flags(p)
     p.add_argument("--seed", type=int, default=0, help="lm-eval's random seed (default 0)")
     p.add_argument("--output-path", metavar="DIR", help="write results_<time>.json (and samples) into DIR")
     p.add_argument("--log-samples", action="store_true", help="with --output-path: also write every request's "
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be > 0, got {args.limit}")
     if args.log_samples and not args.output_path:
         raise ValueError("--log-samples needs --output-path")
+    flags = model_flags(args)
     try:
         from gptj_jax import eval_harness
     except ImportError as e:
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     lm = eval_harness.GPTJLM(model=args.model, revision=args.revision, tokenizer=args.tokenizer,
                              batch_size=args.batch_size, max_length=args.max_length, max_gen_toks=args.max_gen_toks,
-                             dtype=args.dtype, mesh=args.mesh)
+                             dtype=args.dtype, mesh=args.mesh, **flags)
     results = eval_harness.evaluate(lm, tasks, manager=manager, limit=limit, num_fewshot=args.num_fewshot,
                                     log_samples=args.log_samples, seed=args.seed)
     print(eval_harness.format_results(results))

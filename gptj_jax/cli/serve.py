@@ -14,7 +14,7 @@ import argparse
 import importlib.util
 import logging
 
-from gptj_jax.cli.command import Command
+from gptj_jax.cli.command import Command, add_model_flags, model_flags
 from gptj_jax.dtypes import DTYPE_NAMES
 
 HELP = "serve a GPT-J model over HTTP (OpenAI-compatible /v1/completions)"
@@ -48,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--compilation-cache", nargs="?", const="", default=None, metavar="DIR",
         help="JAX persistent compilation cache (default dir: $GPTJ_JAX_COMPILATION_CACHE or ~/.cache/gptj_jax/xla)",
     )
+    add_model_flags(p)
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-len must be >= 2, got {args.max_len}")
     if args.grace < 0:
         raise ValueError(f"--grace must be >= 0, got {args.grace}")
+    flags = model_flags(args)
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
         raise ImportError(f"{' and '.join(missing)} not installed: pip install 'gptj-jax[serve]'")
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         source = resolve(args.model, args.revision)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"--model {e}") from None
-    config = source_config(source, args.config)
+    config = source_config(source, args.config).replace(attention=flags["attention"], scan_layers=flags["scan_layers"])
     if args.max_len is not None and args.max_len > config.n_positions:
         raise ValueError(f"--max-len {args.max_len} > the model's n_positions {config.n_positions}")
 
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         source, host=args.host, port=args.port, max_slots=args.max_slots, max_waiting=args.max_waiting,
         max_len=args.max_len, served_model_name=args.served_model_name or args.model, dtype=args.dtype,
         mesh=args.mesh, tokenizer=args.tokenizer, config=config, grace=args.grace, log_level=args.log_level,
+        quantize=flags["quantize"], quantize_embeddings=flags["quantize_embeddings"],
     )
 
 
