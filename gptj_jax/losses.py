@@ -108,8 +108,8 @@ def token_cross_entropy(
 
 # ---------------------------------------------------------------------------------------- blockwise
 def _block_logits(h: Array, kernel: Array, bias: Array) -> Array:
-    """h ``[N, D]`` float32 @ kernel block ``[D, S, Vb]`` + bias ``[S, Vb]`` -> ``[N, S, Vb]`` float32."""
-    return lax.dot_general(h, kernel, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32) + bias
+    """h ``[N, D]`` float32 @ kernel block ``[S, D, Vb]`` + bias ``[S, Vb]`` -> ``[N, S, Vb]`` float32."""
+    return lax.dot_general(h, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) + bias
 
 
 def _walk_blocks(n_cols: int, block: int, body, carry):
@@ -163,14 +163,14 @@ def _first_id(axes: tuple[str, ...], n_local: int) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _blockwise_stats(block: int, axes: tuple[str, ...], h: Array, kernel: Array, bias: Array, targets: Array):
-    """``(log S, m, target logit)`` per token, each ``[N]`` float32, from h ``[N, D]``, kernel ``[D, S, V']``,
+    """``(log S, m, target logit)`` per token, each ``[N]`` float32, from h ``[N, D]``, kernel ``[S, D, V']``,
     bias ``[S, V']`` (all float32) and global target ids ``[N]``; see :func:`blockwise_cross_entropy`."""
     return _blockwise_fwd(block, axes, h, kernel, bias, targets)[0]
 
 
 def _blockwise_fwd(block, axes, h, kernel, bias, targets):
     n = h.shape[0]
-    shards, cols = kernel.shape[1], kernel.shape[2]
+    shards, cols = kernel.shape[0], kernel.shape[2]
     local = targets - _first_id(axes, shards * cols)
 
     def body(start, size, carry):
@@ -200,7 +200,7 @@ def _blockwise_fwd(block, axes, h, kernel, bias, targets):
 def _blockwise_bwd(block, axes, res, cts):
     h, kernel, bias, targets, lse = res
     g_log_s, _, g_t = cts  # m carries no gradient (stop_gradient, as in token_cross_entropy)
-    shards, cols = kernel.shape[1], kernel.shape[2]
+    shards, cols = kernel.shape[0], kernel.shape[2]
     local = targets - _first_id(axes, shards * cols)
 
     def body(start, size, carry):
@@ -210,10 +210,9 @@ def _blockwise_bwd(block, axes, res, cts):
         probs = jnp.exp(logits - lse[:, None, None])
         hit = _onehot(local, start, size, shards, cols)
         dl = g_log_s[:, None, None] * probs + jnp.where(hit, g_t[:, None, None], 0.0)  # [N, S, size]
-        dh = dh + lax.dot_general(dl, k, (((1, 2), (1, 2)), ((), ())), preferred_element_type=jnp.float32)
-        dk = lax.dynamic_update_slice_in_dim(
-            dk, lax.dot_general(h, dl, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32), start, axis=2
-        )
+        dh = dh + lax.dot_general(dl, k, (((1, 2), (0, 2)), ((), ())), preferred_element_type=jnp.float32)
+        dk_block = lax.dot_general(h, dl, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)  # [D, S, size]
+        dk = lax.dynamic_update_slice_in_dim(dk, jnp.transpose(dk_block, (1, 0, 2)), start, axis=2)
         db = lax.dynamic_update_slice_in_dim(db, jnp.sum(dl, axis=0), start, axis=1)
         return dh, dk, db
 
@@ -258,7 +257,9 @@ def blockwise_cross_entropy(
         raise ValueError(f"hidden states [..., {hidden.shape[-1]}] do not match the kernel [{d}, {v}]")
     lead = targets.shape
     h = hidden.astype(jnp.float32).reshape(-1, d)  # [N, D]
-    k = kernel.astype(jnp.float32).reshape(d, vocab_shards, v // vocab_shards)  # [D, S, V/S]
+    # [S, D, V/S]: the shard axis leads, so with one shard this is the kernel's own layout (a [D, 1, V] view
+    # costs XLA:TPU a relayout copy of the whole kernel and of its gradient)
+    k = jnp.transpose(kernel.astype(jnp.float32).reshape(d, vocab_shards, v // vocab_shards), (1, 0, 2))
     b = (jnp.zeros((v,), jnp.float32) if bias is None else bias.astype(jnp.float32)).reshape(vocab_shards, -1)
     valid = jnp.ones(lead, bool) if ignore_index is None else targets != ignore_index
     safe = (targets if ignore_index is None else jnp.where(valid, targets, 0)).astype(jnp.int32).reshape(-1)
