@@ -768,7 +768,8 @@ def mode_memory(config: Any, mode: str, batch: int, seq: int, *, devices: int = 
     if batch % devices:
         raise ValueError(f"batch {batch} does not split over {devices} devices")
     n = config.num_params("causal_lm")
-    # full fine-tuning takes the train config's blockwise loss; LoRA's step computes the full logits (train/step.py)
+    # full fine-tuning takes the train config's loss (default: full logits); LoRA's step always computes the full
+    # logits (train/step.py)
     activations = activation_estimate(config, {"dp": 1, "fsdp": devices, "mp": 1}, batch, seq, True, 2, remat,
                                       default_loss_block_size() if mode == "full" else 0)
     if mode == "full":
