@@ -436,8 +436,9 @@ def make_plan(
 
 
 # Compiled steps per mode: ``builder(config, mesh, batch, seq, *, dtype, param_dtype, remat, grad_accum,
-# forward) -> (steps, analytic bytes per device)``. int8 inference, LoRA and QLoRA register theirs here
-# once their code exists (``STEP_BUILDERS["int8"] = ...``); until then ``plan --modes`` covers them analytically.
+# forward, loss_block_size) -> (steps, analytic bytes per device)``. int8 inference, LoRA and QLoRA have their code
+# (quantize.py, lora.py) but no builder here yet (``STEP_BUILDERS["int8"] = ...``); ``plan --modes`` covers them
+# analytically.
 def check_mode(mode: str) -> str:
     """``mode`` if it is one of :data:`MODES` with a compiled step in :data:`STEP_BUILDERS`; else ValueError."""
     if mode not in MODES:

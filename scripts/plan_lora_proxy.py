@@ -1,4 +1,5 @@
-"""XLA:TPU's memory for a LoRA-like step of GPT-J-6B on a TPU v5e-1, before the LoRA code exists (issue 14).
+"""XLA:TPU's memory for a LoRA-like step of GPT-J-6B on a TPU v5e-1, a stand-in written before the LoRA code (issue 14)
+landed; plan does not compile the real LoRA step yet.
 
 A frozen bfloat16 base and a backward pass through every block: only each block's tiny ln_1 scale and bias
 are trained, so XLA:TPU has to keep what a LoRA backward keeps (activations for the input gradients of every

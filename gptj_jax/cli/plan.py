@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"'gptj-jax[tpu-aot]'): {', '.join(TPU_TARGETS)}")
     parser.add_argument("--mode", default=None, choices=MODES,
                         help="what to compile: bf16 (inference in --dtype) or full (= --train); int8 / lora / qlora "
-                             "once their code exists (--modes has them analytically)")
+                             "are not compiled by plan yet (--modes has them analytically)")
     parser.add_argument("--modes", action="store_true",
                         help="print the analytic hardware x mode table (bf16 / int8 inference, full fine-tuning, LoRA, "
                              "QLoRA: fits, largest batch x context, batch-1 decode tokens/s) instead of compiling")
