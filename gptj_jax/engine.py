@@ -305,9 +305,13 @@ def _prefill_fn(params: Params, tokens: Array, mask: Array, *, config: GPTJConfi
     # roll each row left by its padding: slot j takes slot j + P - length (mod P)
     idx = (jnp.arange(P)[None, :] + (P - length)[:, None]) % P  # [n, P]
     roll_kv = jax.vmap(lambda x, i: jnp.take(x, i, axis=1))  # [N, P, H] per row
+
+    def roll(x: Array) -> Array:  # [n, N, P, H], or [L, n, N, P, H] when the layers are stacked (scan_layers)
+        return roll_kv(x, idx) if x.ndim == 4 else jax.vmap(lambda y: roll_kv(y, idx))(x)
+
     aligned = jnp.arange(P)[None, :] < length[:, None]  # [n, P]
     cache = {
-        "layers": [{name: roll_kv(x, idx) for name, x in layer.items()} for layer in cache["layers"]],
+        "layers": jax.tree.map(roll, cache["layers"]),
         "mask": aligned,
         "index": length,
         "lengths": length,

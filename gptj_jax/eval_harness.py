@@ -357,6 +357,17 @@ def check_tasks(tasks: Sequence[str], manager: Any) -> list[str]:
     return names
 
 
+def load_tasks(tasks: Sequence[str], manager: Any) -> None:
+    """Build each task once (lm-eval reads or downloads its dataset here), so a task whose data cannot be had
+    fails now with an :class:`EvalHarnessError` naming it."""
+    for name in tasks:
+        try:
+            manager.load([name])
+        except Exception as e:  # lm-eval / datasets raise many kinds (network, cache, config): name the task
+            raise EvalHarnessError(f"lm-eval task {name!r} could not be loaded ({type(e).__name__}: {e}); its dataset "
+                                   "must be reachable or in the Hugging Face datasets cache") from e
+
+
 def evaluate(lm: GPTJLM, tasks: Sequence[str], *, manager: Any = None, include_path: Any = None,
              limit: Optional[float] = None, num_fewshot: Optional[int] = None, log_samples: bool = False,
              seed: int = 0, bootstrap_iters: int = 100000) -> dict:
@@ -439,6 +450,7 @@ class TrainingHarness:
                  batch_size: int = 8, limit: Optional[int] = None, include_path: Optional[str] = None) -> None:
         self.manager = task_manager(include_path)
         self.tasks = check_tasks(list(tasks), self.manager)
+        load_tasks(self.tasks, self.manager)  # their datasets now, not at the first evaluation hours later
         self.config, self.tokenizer, self.mesh, self.dtype = config, tokenizer, mesh, dtype
         self.batch_size, self.limit = batch_size, limit
         if len(tokenizer) > config.vocab_size:
