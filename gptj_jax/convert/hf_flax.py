@@ -51,7 +51,7 @@ import numpy as np
 from gptj_jax.config import GPTJConfig
 from gptj_jax.convert import table
 from gptj_jax.convert.errors import CheckpointError
-from gptj_jax.convert.io import Index, parse_size, plan_shards, shard_names
+from gptj_jax.convert.io import Index, PlannedWriter, parse_size, plan_shards, shard_names, write_index
 from gptj_jax.convert.table import fmt_shape
 
 PathLike = Union[str, os.PathLike]
@@ -804,7 +804,7 @@ class _Layout:
             self._data(key, count * dtype.itemsize)
 
 
-class HFFlaxWriter:
+class HFFlaxWriter(PlannedWriter):
     """Write planned tensors as ``flax_model.msgpack``, or shards + ``flax_model.msgpack.index.json``.
 
     ``plan`` lists ``(HF-Flax key, shape, dtype)`` in tree order (keys ``/``-joined, e.g.
@@ -830,18 +830,10 @@ class HFFlaxWriter:
     ):
         if not 0 < chunk_size <= 2**31:
             raise ValueError(f"chunk_size must be in 1..2**31, got {chunk_size}")
-        self.directory = os.fspath(directory)
-        os.makedirs(self.directory, exist_ok=True)
-        plan = [(key, tuple(int(s) for s in shape), np.dtype(dtype)) for key, shape, dtype in plan]
-        self._plan = {key: (shape, dtype) for key, shape, dtype in plan}
-        if len(self._plan) != len(plan):
-            raise ValueError("duplicate keys in the write plan")
+        plan = self._start(directory, plan)
         shards = plan_shards(plan, parse_size(max_shard_size))
         self.files = [os.path.join(self.directory, n) for n in shard_names("flax_model", "msgpack", len(shards))]
         self._where: dict[str, tuple[int, list[tuple[int, int]]]] = {}
-        self._handles: list[Any] = []
-        self._written: set[str] = set()
-        self.total_size = 0
         try:
             for k, indices in enumerate(shards):
                 layout = _Layout([plan[i] for i in indices], chunk_size)
@@ -860,51 +852,24 @@ class HFFlaxWriter:
 
     def write(self, key: str, array: np.ndarray) -> None:
         """Write one tensor; its shape and dtype must match the plan."""
-        if key not in self._plan:
-            raise ValueError(f"tensor {key!r} is not in the write plan")
-        shape, dtype = self._plan[key]
-        if tuple(array.shape) != shape or array.dtype != dtype:
-            raise ValueError(
-                f"tensor {key!r}: planned {fmt_shape(shape)} {dtype}, got {fmt_shape(array.shape)} {array.dtype}"
-            )
+        data = memoryview(self._checked(key, array).reshape(-1).view(np.uint8))
         k, spans = self._where[key]
         handle = self._handles[k]
-        data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
         pos = 0
         for offset, count in spans:
             handle.seek(offset)
             handle.write(data[pos : pos + count])
             pos += count
-        self._written.add(key)
 
     def close(self) -> list[str]:
         """Check every planned tensor was written, rename the files into place, write the index; returns the files."""
-        missing = [key for key in self._plan if key not in self._written]
-        if missing:
-            self.abort()
-            raise ValueError(f"{len(missing)} planned tensors were never written, e.g. {missing[0]!r}")
-        for handle, file in zip(self._handles, self.files):
-            handle.close()
-            os.replace(file + ".tmp", file)
-        self._handles = []
+        self._finish()
         if len(self.files) == 1:
             return list(self.files)
         index_path = os.path.join(self.directory, FLAX_INDEX)
         weight_map = {key: os.path.basename(self.files[k]) for key, (k, _) in self._where.items()}
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
-        with open(index_path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        os.replace(index_path + ".tmp", index_path)
+        write_index(index_path, weight_map, self.total_size)
         return self.files + [index_path]
-
-    def abort(self) -> None:
-        """Close and delete the partial files."""
-        for handle in self._handles:
-            handle.close()
-        for file in self.files:
-            if os.path.exists(file + ".tmp"):
-                os.remove(file + ".tmp")
-        self._handles = []
 
 
 def plan_for(

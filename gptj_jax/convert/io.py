@@ -809,7 +809,9 @@ def shard_names(prefix: str, ext: str, count: int) -> list[str]:
     return [f"{prefix}-{i + 1:05d}-of-{count:05d}.{ext}" for i in range(count)]
 
 
-def _write_index(path: str, files: dict[str, str], total_size: int) -> None:
+def write_index(path: str, files: dict[str, str], total_size: int) -> None:
+    """A sharded checkpoint's index (``{"metadata": {"total_size": ...}, "weight_map": {name: file}}``, keys
+    sorted, indent 2, as transformers writes it) at ``path``, via a temp sibling."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(files.items()))}, f, indent=2)
@@ -817,7 +819,59 @@ def _write_index(path: str, files: dict[str, str], total_size: int) -> None:
     os.replace(tmp, path)
 
 
-class SafetensorsWriter:
+class PlannedWriter:
+    """What the streaming writers share: a plan of ``(name, shape, dtype)`` checked on every write, one
+    ``FILE.tmp`` handle per output file (``self.files``), renamed into place by :meth:`_finish` once every
+    planned tensor is written, or deleted by :meth:`abort`."""
+
+    def _start(self, directory: PathLike, plan: TensorPlan) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+        """Set up the plan, the directory and empty handle lists; returns the plan normalised."""
+        self.directory = os.fspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        norm = [(name, tuple(int(s) for s in shape), np.dtype(dtype)) for name, shape, dtype in plan]
+        self._plan = {name: (shape, dtype) for name, shape, dtype in norm}
+        if len(self._plan) != len(norm):
+            raise ValueError("duplicate tensor names in the write plan")
+        self.files: list[str] = []
+        self._handles: list[Any] = []
+        self._written: set[str] = set()
+        self.total_size = 0
+        return norm
+
+    def _checked(self, name: str, array: np.ndarray) -> np.ndarray:
+        """``array`` as C-contiguous bytes-ready data, after checking it is the planned shape and dtype."""
+        if name not in self._plan:
+            raise ValueError(f"tensor {name!r} is not in the write plan")
+        shape, dtype = self._plan[name]
+        if tuple(array.shape) != shape or array.dtype != dtype:
+            raise ValueError(
+                f"tensor {name!r}: planned {fmt_shape(shape)} {dtype}, got {fmt_shape(array.shape)} {array.dtype}"
+            )
+        self._written.add(name)
+        return np.ascontiguousarray(array)
+
+    def _finish(self) -> None:
+        """Check every planned tensor was written, then close the handles and rename the files into place."""
+        missing = [name for name in self._plan if name not in self._written]
+        if missing:
+            self.abort()
+            raise ValueError(f"{len(missing)} planned tensors were never written, e.g. {missing[0]!r}")
+        for handle, file in zip(self._handles, self.files):
+            handle.close()
+            os.replace(file + ".tmp", file)
+        self._handles = []
+
+    def abort(self) -> None:
+        """Close and delete the partial files."""
+        for handle in self._handles:
+            handle.close()
+        for file in self.files:
+            if os.path.exists(file + ".tmp"):
+                os.remove(file + ".tmp")
+        self._handles = []
+
+
+class SafetensorsWriter(PlannedWriter):
     """Write a planned set of tensors to ``model.safetensors`` or shards + ``model.safetensors.index.json``.
 
     Headers are computed from the plan at construction, so :meth:`write` puts each tensor's bytes
@@ -832,18 +886,11 @@ class SafetensorsWriter:
         max_shard_size: Union[int, str] = "5GB",
         metadata: Optional[dict[str, str]] = None,
     ):
-        self.directory = os.fspath(directory)
-        os.makedirs(self.directory, exist_ok=True)
-        self._plan = {name: (tuple(int(s) for s in shape), np.dtype(dtype)) for name, shape, dtype in plan}
-        if len(self._plan) != len(plan):
-            raise ValueError("duplicate tensor names in the write plan")
+        plan = self._start(directory, plan)
         shards = plan_shards(plan, parse_size(max_shard_size))
         names = shard_names("model", "safetensors", len(shards))
         self.files = [os.path.join(self.directory, n) for n in names]
         self._where: dict[str, tuple[int, int]] = {}  # name -> (file index, absolute offset)
-        self._handles = []
-        self.total_size = 0
-        self._written: set[str] = set()
         for k, indices in enumerate(shards):
             header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
             offset = 0
@@ -873,73 +920,44 @@ class SafetensorsWriter:
 
     def write(self, name: str, array: np.ndarray) -> None:
         """Write one tensor; its shape and dtype must match the plan."""
-        if name not in self._plan:
-            raise ValueError(f"tensor {name!r} is not in the write plan")
-        shape, dtype = self._plan[name]
-        if tuple(array.shape) != shape or array.dtype != dtype:
-            raise ValueError(
-                f"tensor {name!r}: planned {fmt_shape(shape)} {dtype}, got {fmt_shape(array.shape)} {array.dtype}"
-            )
+        array = self._checked(name, array)
         k, offset = self._where[name]
         handle = self._handles[k]
         handle.seek(offset)
-        array = np.ascontiguousarray(array)
         handle.write(memoryview(array.reshape(-1).view(np.uint8)))
-        self._written.add(name)
 
     def close(self) -> list[str]:
         """Check every planned tensor was written, rename the files into place, write the index."""
-        missing = [n for n in self._plan if n not in self._written]
-        if missing:
-            self.abort()
-            raise ValueError(f"{len(missing)} planned tensors were never written, e.g. {missing[0]!r}")
-        for handle, file in zip(self._handles, self.files):
-            handle.close()
-            os.replace(file + ".tmp", file)
-        self._handles = []
+        self._finish()
         if len(self.files) > 1:
             weight_map = {name: os.path.basename(self.files[k]) for name, (k, _) in self._where.items()}
-            _write_index(os.path.join(self.directory, SAFE_INDEX), weight_map, self.total_size)
+            write_index(os.path.join(self.directory, SAFE_INDEX), weight_map, self.total_size)
             return self.files + [os.path.join(self.directory, SAFE_INDEX)]
         return list(self.files)
 
-    def abort(self) -> None:
-        """Close and delete the partial files."""
-        for handle, file in zip(self._handles, self.files):
-            handle.close()
-            if os.path.exists(file + ".tmp"):
-                os.remove(file + ".tmp")
-        self._handles = []
 
-
-class TorchBinWriter:
+class TorchBinWriter(PlannedWriter):
     """Write a planned set of tensors to ``pytorch_model.bin`` or shards + ``pytorch_model.bin.index.json``.
 
     ``torch.save`` needs a whole shard, so one shard (at most ``max_shard_size`` bytes) is held until
-    its last tensor arrives; feed tensors in plan order to keep it at one.
+    its last tensor arrives; feed tensors in plan order to keep it at one. Each shard is saved to a
+    ``.tmp`` sibling and renamed as soon as it is complete.
     """
 
     def __init__(self, directory: PathLike, plan: TensorPlan, max_shard_size: Union[int, str] = "5GB"):
         _torch()
-        self.directory = os.fspath(directory)
-        os.makedirs(self.directory, exist_ok=True)
+        plan = self._start(directory, plan)
         shards = plan_shards(plan, parse_size(max_shard_size))
         self.files = [os.path.join(self.directory, n) for n in shard_names("pytorch_model", "bin", len(shards))]
-        self._plan = {name: (tuple(int(s) for s in shape), np.dtype(dtype)) for name, shape, dtype in plan}
         self._shard_of = {plan[i][0]: k for k, indices in enumerate(shards) for i in indices}
         self._remaining = [len(indices) for indices in shards]
         self._pending: list[dict[str, Any]] = [{} for _ in shards]
         self.total_size = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for s, d in self._plan.values())
 
     def write(self, name: str, array: np.ndarray) -> None:
+        """Write one tensor (held until its shard is complete); its shape and dtype must match the plan."""
         torch = _torch()
-        if name not in self._plan:
-            raise ValueError(f"tensor {name!r} is not in the write plan")
-        shape, dtype = self._plan[name]
-        if tuple(array.shape) != shape or array.dtype != dtype:
-            raise ValueError(
-                f"tensor {name!r}: planned {fmt_shape(shape)} {dtype}, got {fmt_shape(array.shape)} {array.dtype}"
-            )
+        array = self._checked(name, array)
         k = self._shard_of[name]
         self._pending[k][name] = numpy_to_torch(np.array(array))
         self._remaining[k] -= 1
@@ -951,16 +969,17 @@ class TorchBinWriter:
 
     def close(self) -> list[str]:
         """Check every planned tensor was written (all shards saved) and write the index."""
-        missing = [n for n, k in self._shard_of.items() if self._remaining[k] and n not in self._pending[k]]
+        missing = [name for name in self._plan if name not in self._written]
         if missing:
             raise ValueError(f"{len(missing)} planned tensors were never written, e.g. {missing[0]!r}")
         if len(self.files) > 1:
             weight_map = {name: os.path.basename(self.files[k]) for name, k in self._shard_of.items()}
-            _write_index(os.path.join(self.directory, BIN_INDEX), weight_map, self.total_size)
+            write_index(os.path.join(self.directory, BIN_INDEX), weight_map, self.total_size)
             return self.files + [os.path.join(self.directory, BIN_INDEX)]
         return list(self.files)
 
     def abort(self) -> None:
+        """Drop the shards still held in memory (shards already saved are complete files)."""
         self._pending = [{} for _ in self._pending]
 
 
