@@ -31,6 +31,9 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+
+from bench_generate import build_models, measure_matmul_peak  # noqa: E402  (the 162M pair and the peak probe)
 
 BATCH, LENGTH, MC_CONT = 8, 512, 32
 
@@ -46,44 +49,6 @@ def median_times_interleaved(fns: list, rounds: int) -> list[float]:
             fn()
             times[i].append(time.perf_counter() - t)
     return [float(np.median(t)) for t in times]
-
-
-def measure_matmul_peak() -> float:
-    """XLA float32 matmul FLOP/s on 2048^3 (best of 5)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((2048, 2048), jnp.float32)
-    mm = jax.jit(lambda a, b: a @ b)
-    mm(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        mm(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * 2048**3 / best
-
-
-def build_models(config_path: str, seed: int = 0):
-    """A random transformers GPT-J (float32, eval) and our params for the same weights."""
-    import torch
-    import transformers
-
-    from gptj_jax.config import GPTJConfig
-    from gptj_jax.convert.table import apply_transform, hf_to_ours, is_ignored_hf, unflatten
-
-    config = GPTJConfig.from_pretrained(config_path)
-    d = config.to_hf_dict()
-    d.pop("model_type")
-    torch.manual_seed(seed)
-    hf = transformers.GPTJForCausalLM(transformers.GPTJConfig(**d)).eval()
-    flat = {}
-    for name, tensor in hf.state_dict().items():
-        if is_ignored_hf(name):
-            continue
-        path, transform = hf_to_ours(name)
-        flat[path] = np.ascontiguousarray(apply_transform(tensor.detach().numpy(), transform))
-    return config, hf, unflatten(flat)
 
 
 def hf_score(hf, requests: list) -> list[tuple[np.ndarray, bool]]:

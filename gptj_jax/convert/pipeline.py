@@ -136,7 +136,27 @@ class HFSource(Source):
         self.reader.close()
 
 
-class HFFlaxSource(Source):
+class _OursPathSource(Source):
+    """A source whose reader names tensors by our param paths (``transformer/h_0/attn/q_proj/kernel``):
+    ``names`` are their HF names, each read through the mapping table's transform to the HF layout."""
+
+    def _index(self) -> None:
+        self._path_of = {table.ours_to_hf(p)[0]: p for p in self.reader.paths}
+        self.names = list(self._path_of)
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.reader.dtype(self._path_of[name])
+
+    def _read_path(self, path: str) -> np.ndarray:
+        """One tensor by our path, our layout, stored dtype."""
+        return self.reader.read(path)
+
+    def _read(self, name: str) -> np.ndarray:
+        p = self._path_of[name]
+        return table.apply_transform(self._read_path(p), table.ours_to_hf(p)[1], contiguous=True)
+
+
+class HFFlaxSource(_OursPathSource):
     """A Transformers 4.x Flax checkpoint (``flax_model.msgpack``, single or sharded), read in file order."""
 
     format = "hf-flax"
@@ -147,21 +167,13 @@ class HFFlaxSource(Source):
         self.config = self.reader.config
         self.head = self.reader.head
         self.tied = self.reader.tied
-        self._path_of = {table.ours_to_hf(p)[0]: p for p in self.reader.paths}
-        self.names = list(self._path_of)
-
-    def dtype(self, name: str) -> np.dtype:
-        return self.reader.dtype(self._path_of[name])
-
-    def _read(self, name: str) -> np.ndarray:
-        p = self._path_of[name]
-        return table.apply_transform(self.reader.read(p), table.ours_to_hf(p)[1], contiguous=True)
+        self._index()
 
     def close(self) -> None:
         self.reader.close()
 
 
-class FlaxSource(Source):
+class FlaxSource(_OursPathSource):
     format = "flax"
 
     def __init__(self, path: str, config: Optional[GPTJConfig]):
@@ -169,17 +181,10 @@ class FlaxSource(Source):
         self.reader = flax_ckpt.FlaxReader(path, config)
         self.config = self.reader.config
         self.head = self.reader.head
-        self._path_of = {}
-        for p in self.reader.paths:
-            self._path_of[table.ours_to_hf(p)[0]] = p
-        self.names = list(self._path_of)
+        self._index()
 
-    def dtype(self, name: str) -> np.dtype:
-        return self.reader.dtype(self._path_of[name])
-
-    def _read(self, name: str) -> np.ndarray:
-        p = self._path_of[name]
-        return table.apply_transform(self.reader.read([p])[p], table.ours_to_hf(p)[1], contiguous=True)
+    def _read_path(self, path: str) -> np.ndarray:
+        return self.reader.read([path])[path]
 
     def iter_tensors(self, dtype: Optional[np.dtype] = None) -> Iterator[tuple[str, np.ndarray]]:
         for p, array in self.reader.iter_leaves():
