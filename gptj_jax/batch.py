@@ -248,7 +248,7 @@ def generate_jsonl(
     ``batch_size * num_return_sequences`` decode slots (continuous batching), shortest first, each with
     :func:`prompt_seed` of ``seed`` and its id; ``generate_kwargs`` are :class:`~gptj_jax.GenerationConfig`
     fields (``max_new_tokens``, sampling options, ``num_return_sequences``, ``eos_token_id``,
-    ``stop_strings``...) plus ``mesh`` and ``dtype`` (for the engine); ``tokenizer`` decodes the results and
+    ``stop_strings``...) plus ``mesh``, ``dtype`` and ``kv_cache`` (for the engine); ``tokenizer`` decodes the results and
     checks stop strings. Each result is appended (flushed and fsynced) as soon as its prompt finishes.
     ``progress``: a progress bar and a "resuming" line on stderr.
     """
@@ -266,6 +266,7 @@ def generate_jsonl(
     # Similar lengths together: fewer distinct prompt buckets in flight at once.
     pending.sort(key=lambda it: len(it.ids))
     mesh, dtype = generate_kwargs.pop("mesh", None), generate_kwargs.pop("dtype", None)
+    kv_cache = generate_kwargs.pop("kv_cache", None)
     R = int(generate_kwargs.get("num_return_sequences", 1))
     slots = batch_size * R
     if mesh is not None:
@@ -276,7 +277,7 @@ def generate_jsonl(
     max_new = int(generate_kwargs["max_new_tokens"])
     max_len = min(bucket(len(pending[-1].ids) + max_new, 8), config.n_positions)
     llm = LLM(config, params, max_slots=slots, max_len=max_len, dtype=dtype, mesh=mesh, tokenizer=tokenizer,
-              max_waiting=2 * batch_size)
+              max_waiting=2 * batch_size, kv_cache=kv_cache)
     bar = tqdm(total=len(pending), unit="prompt", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     if done and progress:
         bar.write(f"resuming: {len(done)} of {len(pending) + len(done)} prompts already in {output}")

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .cache import init_cache, take_rows
+from .cache import check_kv_cache, init_cache, take_rows
 from .config import GPTJConfig
 from .generation import (
     EOS_SLOTS,
@@ -101,6 +101,7 @@ def beam_search(
     tokenizer: Any = None,
     dtype: Any = None,
     stream_interval: Optional[int] = None,
+    kv_cache: Optional[str] = None,
     **overrides: Any,
 ) -> BeamOutput:
     """Beam search over a batch of prompts, as Transformers' ``generate(num_beams=K, do_sample=False)``.
@@ -120,6 +121,7 @@ def beam_search(
         words (Transformers counts its pad id like any token).
       return_logprobs: the same as ``logprobs=`` (``generate``'s keyword).
       dtype: compute dtype (default: the params' embedding dtype); the cache uses it too.
+      kv_cache: ``"int8"``: int8 K/V with per-head scales in the cache (``cache.init_cache``); None: ``dtype``.
       mesh: a ``jax.sharding.Mesh``: params and cache sharded with ``gptj_jax.sharding``'s rules (beam rows
         over the batch axes, heads over ``mp``).
       streamer: must be None: beam search does not stream (a beam's tokens are not final until the search
@@ -134,6 +136,7 @@ def beam_search(
     """
     if not isinstance(config, GPTJConfig):
         raise GenerationError(f"config must be a GPTJConfig, got {type(config).__name__}")
+    check_kv_cache(kv_cache)
     gc = resolve_config(generation_config, return_logprobs, **overrides)
     if streamer is not None:
         raise GenerationError(
@@ -226,7 +229,7 @@ def beam_search(
         ids_d, mask_d = sharding.shard_batch(mesh, ids_b, mask_b)
     width = min((1 + E) * K, K * config.vocab_size)  # candidates per prompt and step
     out = _beam_program(params, ids_d, mask_d, live_d, knobs, ctl, config=config, dtype=dtype, new_len=N_b,
-                        num_beams=K, width=width, spec=spec, logprobs=gc.logprobs, mesh=mesh)
+                        num_beams=K, width=width, spec=spec, logprobs=gc.logprobs, mesh=mesh, kv_cache=kv_cache)
     out = jax.device_get(out)
     return _assemble(ids, mask, out, gc, eos, pad_id)
 
@@ -316,11 +319,13 @@ def _step(state: dict, logits: Array, prompt: Optional[Array], live: Array, knob
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "dtype", "new_len", "num_beams", "width", "spec", "logprobs", "mesh")
+    jax.jit,
+    static_argnames=("config", "dtype", "new_len", "num_beams", "width", "spec", "logprobs", "mesh", "kv_cache"),
 )
 def _beam_program(
     params: Params, ids: Array, mask: Array, live: Array, knobs: dict, ctl: dict, *, config: GPTJConfig,
     dtype: Any, new_len: int, num_beams: int, width: int, spec: SamplingSpec, logprobs: bool, mesh: Any,
+    kv_cache: Optional[str] = None,
 ) -> dict:
     """Prefill ``ids/mask [B, P]``, repeat each row ``num_beams`` times, then the beam loop. Returns the
     finished hypotheses: tokens ``[B, K, N]`` (-1 after the end), scores ``[B, K]``, lengths ``[B, K]``
@@ -328,7 +333,7 @@ def _beam_program(
     TRACE_COUNTS["beam"] += 1
     B, P = ids.shape
     K, N = num_beams, new_len
-    cache = init_cache(config, B, P + N, dtype)
+    cache = init_cache(config, B, P + N, dtype, kv_cache)
     logits, cache = forward_cached(params, ids, mask, cache, config=config, dtype=dtype)  # [B, V]
     rows = jnp.repeat(jnp.arange(B), K)  # [R]
     logits, cache = logits[rows], take_rows(cache, rows)

@@ -13,6 +13,14 @@ With ``config.scan_layers`` the layers are stacked instead (what ``nn.scan`` rea
 per-step stacking copy): ``"layers": {"k": [L, B, N, S, H], "v": [L, B, N, S, H]}`` (logical axis
 ``layers`` first, :data:`CACHE_AXES` ``"stacked_kv"``). Everything else is the same.
 
+int8 KV cache (``init_cache(..., kv_cache="int8")``; ``--kv-cache int8``): each layer's ``k`` / ``v`` are int8
+and the layer also holds ``"k_scale"`` / ``"v_scale"`` ``[B, N, S, 1]`` float32 (stacked ``[L, B, N, S, 1]``):
+one symmetric scale per (row, head, slot) vector over ``H``, ``k ~= q * scale`` with ``scale = max|k| / 127``
+(:func:`quantize_kv`). The model quantizes the new tokens' K/V before writing them and dequantizes the whole
+buffer in the compute dtype when it reads it (:func:`dequantize_kv`), the current tokens included, so prefill
+and decode see the same values. ``kv_cache=None`` (the default) keeps K/V in the compute dtype and adds no
+keys. Bytes per token and layer: ``2 N (H + 4)`` against ``2 N H x itemsize`` (:func:`cache_bytes`).
+
 A model call with ``T`` new tokens writes row ``b``'s K/V at slots ``index[b] .. index[b] + T - 1``
 (:func:`write_kv`, :func:`write_mask`); new token ``t`` of row ``b`` sees key slot ``s`` iff
 ``mask[b, s]`` and ``s <= index[b] + t``. A left-padded batch writes its pads into slots that stay
@@ -34,7 +42,7 @@ front; ``generate`` checks ``prompt + max_new_tokens <= S``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,26 +53,62 @@ from .config import GPTJConfig
 Cache = dict[str, Any]
 Array = jax.Array
 
-# Logical axis names of the cache arrays ("kv" is every layer's k and v).
-CACHE_AXES: dict[str, tuple[str, ...]] = {
+KV_CACHE_SCHEMES = ("int8",)  # values of kv_cache= / --kv-cache; None: K/V in the compute dtype
+KV_QMAX = 127  # int8 K/V lie in [-127, 127] (symmetric, no zero point)
+SCALE_NAMES = ("k_scale", "v_scale")  # the int8 cache's extra per-layer arrays
+
+# Logical axis names of the cache arrays ("kv" is every layer's k and v; "kv_scale" the int8 cache's scales,
+# whose last axis has size 1 and is never split).
+CACHE_AXES: dict[str, tuple[Optional[str], ...]] = {
     "kv": ("batch", "heads", "cache_length", "head_dim"),  # [B, N, S, H]
     "stacked_kv": ("layers", "batch", "heads", "cache_length", "head_dim"),  # [L, B, N, S, H] (scan_layers)
+    "kv_scale": ("batch", "heads", "cache_length", None),  # [B, N, S, 1] (kv_cache="int8")
+    "stacked_kv_scale": ("layers", "batch", "heads", "cache_length", None),  # [L, B, N, S, 1]
     "mask": ("batch", "cache_length"),  # [B, S]
     "index": ("batch",),  # [B]
     "lengths": ("batch",),  # [B]
 }
 
 
-def init_cache(config: GPTJConfig, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
-    """An empty cache: ``batch_size`` rows of ``max_len`` slots (K/V zeros in ``dtype``; nothing valid)."""
+def check_kv_cache(kv_cache: Optional[str], where: str = "kv_cache") -> Optional[str]:
+    """``kv_cache`` if it is a KV cache scheme we implement (``"int8"``) or None; else ValueError naming
+    ``where`` (the keyword or flag) and the choices."""
+    if kv_cache is None or (isinstance(kv_cache, str) and kv_cache in KV_CACHE_SCHEMES):
+        return kv_cache
+    raise ValueError(
+        f"{where}={kv_cache!r} is not a KV cache scheme; the one scheme is 'int8' (leave it unset for K/V in the "
+        "compute dtype)"
+    )
+
+
+def kv_cache_scheme(cache: Cache) -> Optional[str]:
+    """``"int8"`` when ``cache``'s layers hold int8 K/V with scales, None when K/V are in a float dtype."""
+    layer = cache["layers"] if isinstance(cache["layers"], dict) else cache["layers"][0]
+    return "int8" if "k_scale" in layer else None
+
+
+def init_cache(
+    config: GPTJConfig, batch_size: int, max_len: int, dtype: Any = jnp.float32, kv_cache: Optional[str] = None
+) -> Cache:
+    """An empty cache: ``batch_size`` rows of ``max_len`` slots (nothing valid).
+
+    K/V are zeros in ``dtype`` (the compute dtype); with ``kv_cache="int8"`` they are int8 zeros plus float32
+    ``k_scale`` / ``v_scale`` zeros ``[B, N, S, 1]`` per layer (see the module docstring), and ``dtype`` is only
+    the dtype the model dequantizes them to.
+    """
+    check_kv_cache(kv_cache)
     if max_len <= 0 or batch_size <= 0:
         raise ValueError(f"cache needs batch_size > 0 and max_len > 0, got {batch_size} and {max_len}")
     shape = (batch_size, config.n_head, max_len, config.head_dim)
-    if config.scan_layers:
-        stacked = (config.n_layer,) + shape
-        layers: Any = {"k": jnp.zeros(stacked, dtype), "v": jnp.zeros(stacked, dtype)}
-    else:
-        layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layer)]
+    scale_shape = shape[:-1] + (1,)
+
+    def layer(lead: tuple[int, ...]) -> dict[str, Array]:
+        if kv_cache == "int8":
+            kv = {name: jnp.zeros(lead + shape, jnp.int8) for name in ("k", "v")}
+            return {**kv, **{name: jnp.zeros(lead + scale_shape, jnp.float32) for name in SCALE_NAMES}}
+        return {"k": jnp.zeros(lead + shape, dtype), "v": jnp.zeros(lead + shape, dtype)}
+
+    layers: Any = layer((config.n_layer,)) if config.scan_layers else [layer(()) for _ in range(config.n_layer)]
     return {
         "layers": layers,
         "mask": jnp.zeros((batch_size, max_len), dtype=bool),
@@ -78,17 +122,29 @@ def cache_len(cache: Cache) -> int:
     return cache["mask"].shape[1]
 
 
-def cache_bytes(config: GPTJConfig, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> int:
-    """Bytes held by the k/v buffers of ``init_cache(config, batch_size, max_len, dtype)``."""
-    return 2 * config.n_layer * batch_size * max_len * config.n_embd * jnp.dtype(dtype).itemsize
+def cache_bytes(
+    config: GPTJConfig, batch_size: int, max_len: int, dtype: Any = jnp.float32, kv_cache: Optional[str] = None
+) -> int:
+    """Bytes held by the K/V buffers (and, for ``kv_cache="int8"``, their scales) of
+    ``init_cache(config, batch_size, max_len, dtype, kv_cache)``."""
+    check_kv_cache(kv_cache)
+    per_slot = config.n_embd * jnp.dtype(dtype).itemsize  # one layer's K (or V) of one token
+    if kv_cache == "int8":
+        per_slot = config.n_embd + config.n_head * 4  # int8 values + one float32 scale per head
+    return 2 * config.n_layer * batch_size * max_len * per_slot
+
+
+def _axes_of(name: str, stacked: bool) -> tuple[Optional[str], ...]:
+    kind = "kv_scale" if name in SCALE_NAMES else "kv"
+    return CACHE_AXES["stacked_" + kind if stacked else kind]
 
 
 def cache_axes(cache: Cache) -> Cache:
     """A pytree like ``cache`` whose leaves are the logical axis names (tuples) of its arrays."""
     if isinstance(cache["layers"], dict):  # stacked (scan_layers)
-        layers: Any = {name: CACHE_AXES["stacked_kv"] for name in cache["layers"]}
+        layers: Any = {name: _axes_of(name, True) for name in cache["layers"]}
     else:
-        layers = [{name: CACHE_AXES["kv"] for name in layer} for layer in cache["layers"]]
+        layers = [{name: _axes_of(name, False) for name in layer} for layer in cache["layers"]]
     return {
         "layers": layers,
         "mask": CACHE_AXES["mask"],
@@ -121,6 +177,24 @@ def check_cache(config: GPTJConfig, cache: Cache) -> None:
         raise ValueError(
             f"cache K/V shape {got} is not the cache layout [B, N, S, H] = {want} (see cache.init_cache)"
         )
+    layers = [cache["layers"]] if stacked else cache["layers"]
+    lead = (config.n_layer,) if stacked else ()
+    for i, layer in enumerate(layers):
+        names = set(layer)
+        if names not in ({"k", "v"}, {"k", "v", *SCALE_NAMES}):
+            raise ValueError(
+                f"cache layer {i} holds {sorted(names)}; a layer holds k, v (and k_scale, v_scale for an int8 cache)"
+            )
+        if "k_scale" in layer:
+            for name in ("k", "v"):
+                if layer[name].dtype != jnp.int8:
+                    raise ValueError(f"cache layer {i} has scales but its {name!r} is {layer[name].dtype}, not int8")
+            for name in SCALE_NAMES:
+                if tuple(layer[name].shape) != lead + want[:-1] + (1,):
+                    raise ValueError(
+                        f"cache layer {i} {name!r} shape {tuple(layer[name].shape)} is not the int8 cache's scale "
+                        f"layout {'[L, B, N, S, 1]' if stacked else '[B, N, S, 1]'} = {lead + want[:-1] + (1,)}"
+                    )
     for name in ("index", "lengths"):
         if tuple(cache[name].shape) != (B,):
             raise ValueError(f"cache[{name!r}] has shape {tuple(cache[name].shape)}, expected [B] = {(B,)}")
@@ -138,6 +212,25 @@ def write_kv(buf: Array, new: Array, index: Array) -> Array:
 def write_mask(mask: Array, new: Array, index: Array) -> Array:
     """Row ``b`` of ``new [B, T]`` bool into ``mask [B, S]`` at slots ``index[b] ..``; ``index [B]``."""
     return jax.vmap(lambda m, n, i: lax.dynamic_update_slice(m, n.astype(m.dtype), (i,)))(mask, new, index)
+
+
+# ---------------------------------------------------------------------------------------- int8 K/V
+def quantize_kv(x: Array) -> tuple[Array, Array]:
+    """K or V ``[B, N, T, H]`` -> (``q`` int8 ``[B, N, T, H]``, ``scale`` float32 ``[B, N, T, 1]``).
+
+    Symmetric per (row, head, token) vector over ``H``: ``scale = max|x| / 127`` (1 for an all-zero vector),
+    ``q = round(x / scale)`` clipped to ``[-127, 127]``; ``|x - q * scale| <= scale / 2`` elementwise.
+    """
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / KV_QMAX, jnp.float32(1.0))
+    q = jnp.clip(jnp.round(x32 / scale), -KV_QMAX, KV_QMAX).astype(jnp.int8)
+    return q, scale
+
+
+def dequantize_kv(q: Array, scale: Array, dtype: Any) -> Array:
+    """``q * scale`` (float32 product, ``scale`` broadcast over the last axis) in ``dtype``."""
+    return (q.astype(jnp.float32) * scale.astype(jnp.float32)).astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------- rows
@@ -165,6 +258,9 @@ def insert(cache: Cache, prefix: Cache, slot: Array) -> Cache:
     """
     b, s_p = prefix["mask"].shape
     B, S = cache["mask"].shape
+    if kv_cache_scheme(prefix) != kv_cache_scheme(cache):
+        have, want = (kv_cache_scheme(c) or "float" for c in (prefix, cache))
+        raise ValueError(f"cannot insert a prefix with a {have} KV cache into a {want} one (kv_cache must match)")
     if s_p > S or b > B:
         raise ValueError(f"cannot insert a prefix of {b} rows x {s_p} slots into a cache of {B} rows x {S} slots")
     slot = jnp.asarray(slot, jnp.int32)

@@ -274,13 +274,13 @@ def _neutral_controls(config: GPTJConfig, rows: int, eos_slots: int, bad_words_s
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "slots", "max_len", "dtype", "eos_slots", "bad_words_shape", "mesh")
+    jax.jit, static_argnames=("config", "slots", "max_len", "dtype", "eos_slots", "bad_words_shape", "mesh", "kv_cache")
 )
-def _init_state_fn(*, config, slots, max_len, dtype, eos_slots, bad_words_shape, mesh) -> DecodeState:
+def _init_state_fn(*, config, slots, max_len, dtype, eos_slots, bad_words_shape, mesh, kv_cache=None) -> DecodeState:
     TRACE_COUNTS["engine.init"] += 1
     ctl = jax.tree.map(jnp.asarray, _neutral_controls(config, slots, eos_slots, bad_words_shape))
     state = DecodeState(
-        cache=cache_lib.init_cache(config, slots, max_len, dtype),
+        cache=cache_lib.init_cache(config, slots, max_len, dtype, kv_cache),
         tokens=jnp.zeros((slots,), jnp.int32),
         active=jnp.zeros((slots,), bool),
         steps=jnp.zeros((slots,), jnp.int32),
@@ -291,22 +291,22 @@ def _init_state_fn(*, config, slots, max_len, dtype, eos_slots, bad_words_shape,
     return _constrain(state, config, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "repeats", "mesh"))
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "repeats", "mesh", "kv_cache"))
 def _prefill_fn(params: Params, tokens: Array, mask: Array, *, config: GPTJConfig, dtype: Any, repeats: int,
-                mesh: Any):
+                mesh: Any, kv_cache: Optional[str] = None):
     """tokens, mask ``[n, P]`` (left-padded) -> (last logits ``[m, V]``, cache of ``m = n * repeats`` rows whose
     prompts sit in slots ``[0, length)``, length ``[m]``, seen ``[m, V]``, history ``[m, P]``)."""
     TRACE_COUNTS["engine.prefill"] += 1
     n, P = tokens.shape
     V = config.vocab_size
-    cache = cache_lib.init_cache(config, n, P, dtype)
+    cache = cache_lib.init_cache(config, n, P, dtype, kv_cache)
     logits, cache = forward_cached(params, tokens, mask, cache, config=config, dtype=dtype)  # [n, V]
     length = mask.sum(axis=1).astype(jnp.int32)  # [n]
     # roll each row left by its padding: slot j takes slot j + P - length (mod P)
     idx = (jnp.arange(P)[None, :] + (P - length)[:, None]) % P  # [n, P]
     roll_kv = jax.vmap(lambda x, i: jnp.take(x, i, axis=1))  # [N, P, H] per row
 
-    def roll(x: Array) -> Array:  # [n, N, P, H], or [L, n, N, P, H] when the layers are stacked (scan_layers)
+    def roll(x: Array) -> Array:  # [n, N, P, H|1], or [L, n, N, P, H|1] when the layers are stacked (scan_layers)
         return roll_kv(x, idx) if x.ndim == 4 else jax.vmap(lambda y: roll_kv(y, idx))(x)
 
     aligned = jnp.arange(P)[None, :] < length[:, None]  # [n, P]
@@ -425,6 +425,8 @@ class Engine:
       dtype: compute (and cache) dtype; default the params' embedding dtype (float64 -> float32).
       mesh: ``("dp", "fsdp", "mp")`` mesh: slots over the data axes, heads over ``mp``.
       eos_slots: EOS ids per request (``E``); bad_words_capacity: ``(W, M)`` words x tokens per request.
+      kv_cache: ``"int8"``: the KV cache (decode state and prefixes) holds int8 K/V with per-head scales
+        (``cache.init_cache``), dequantized in ``dtype`` when read; None (default): K/V in ``dtype``.
 
     ``params`` is prepared once as ``engine.params``; the methods take params explicitly (JetStream's
     contract), normally ``engine.params``.
@@ -441,9 +443,11 @@ class Engine:
         mesh: Any = None,
         eos_slots: int = EOS_SLOTS,
         bad_words_capacity: tuple[int, int] = BAD_WORDS_CAPACITY,
+        kv_cache: Optional[str] = None,
     ):
         if not isinstance(config, GPTJConfig):
             raise GenerationError(f"config must be a GPTJConfig, got {type(config).__name__}")
+        self.kv_cache = cache_lib.check_kv_cache(kv_cache)
         for name, value in (("max_slots", max_slots), ("max_len", max_len), ("eos_slots", eos_slots)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise GenerationError(f"{name} must be an integer >= 1, got {value!r}", name)
@@ -514,7 +518,7 @@ class Engine:
         """A fresh decode state (every slot free), allocated once; ``insert`` and ``generate`` update it in place."""
         return _init_state_fn(
             config=self.config, slots=self.max_slots, max_len=self.max_len, dtype=self.dtype,
-            eos_slots=self.eos_slots, bad_words_shape=self.bad_words_capacity, mesh=self.mesh,
+            eos_slots=self.eos_slots, bad_words_shape=self.bad_words_capacity, mesh=self.mesh, kv_cache=self.kv_cache,
         )
 
     def prefill(
@@ -581,7 +585,8 @@ class Engine:
 
             ids_d, mask_d = sharding.shard_batch(self.mesh, ids, mask)
         logits, cache, length, seen, history = _prefill_fn(
-            params, ids_d, mask_d, config=self.config, dtype=self.dtype, repeats=R, mesh=self.mesh
+            params, ids_d, mask_d, config=self.config, dtype=self.dtype, repeats=R, mesh=self.mesh,
+            kv_cache=self.kv_cache,
         )
         tok, lp, done, seen = _first_token_fn(logits, seen, history, length, ctl, live, spec=plan.spec)
         return Prefix(cache, tok, lp, done, length, ctl, seen, history, spec=plan.spec)
@@ -1204,8 +1209,8 @@ class Scheduler:
 class LLM(Scheduler):
     """A :class:`Scheduler` on its own :class:`Engine`: ``LLM(config, params, max_slots=16, ...)``.
 
-    ``max_len`` defaults to ``config.n_positions``; ``dtype``, ``mesh``, ``eos_slots`` and
-    ``bad_words_capacity`` go to the engine, the rest to the scheduler (see both)."""
+    ``max_len`` defaults to ``config.n_positions``; ``dtype``, ``mesh``, ``eos_slots``, ``bad_words_capacity``
+    and ``kv_cache`` go to the engine, the rest to the scheduler (see both)."""
 
     def __init__(
         self,
@@ -1222,10 +1227,12 @@ class LLM(Scheduler):
         lookahead: int = LOOKAHEAD,
         eos_slots: int = EOS_SLOTS,
         bad_words_capacity: tuple[int, int] = BAD_WORDS_CAPACITY,
+        kv_cache: Optional[str] = None,
     ):
         if not isinstance(config, GPTJConfig):
             raise GenerationError(f"config must be a GPTJConfig, got {type(config).__name__}")
         engine = Engine(config, params, max_slots=max_slots, max_len=config.n_positions if max_len is None else max_len,
-                        dtype=dtype, mesh=mesh, eos_slots=eos_slots, bad_words_capacity=bad_words_capacity)
+                        dtype=dtype, mesh=mesh, eos_slots=eos_slots, bad_words_capacity=bad_words_capacity,
+                        kv_cache=kv_cache)
         super().__init__(engine, tokenizer=tokenizer, generation_config=generation_config, max_waiting=max_waiting,
                          lookahead=lookahead)

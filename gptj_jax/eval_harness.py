@@ -34,7 +34,9 @@ memory (the training loop passes its current params); ``batch_size``; ``max_leng
 ``n_positions``); ``max_gen_toks`` (default 256, as HFLM); ``dtype`` (cast the weights when loading, and the
 compute dtype); ``mesh`` (a ``jax.sharding.Mesh`` or ``"dp=1,fsdp=1,mp=8"``; ``;`` may separate the axes inside
 ``model_args``); ``tokenizer`` (a tokenizer object, or a directory / hub id; default the checkpoint's own,
-else GPT-J's); ``revision``; ``seed`` (sampled generations only).
+else GPT-J's); ``revision``; ``seed`` (sampled generations only); ``attention``, ``scan_layers``,
+``quantize``, ``quantize_embeddings`` (the shared model flags); ``kv_cache`` (``int8``: ``generate_until``'s
+engine keeps int8 K/V with per-head scales; scoring runs without a cache).
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class GPTJLM(TemplateLM):
         scan_layers: Optional[bool] = None,
         quantize: Optional[str] = None,
         quantize_embeddings: bool = False,
+        kv_cache: Optional[str] = None,
     ) -> None:
         super().__init__()
         import gptj_jax
@@ -105,6 +108,9 @@ class GPTJLM(TemplateLM):
         self._batch_size = _int_arg("batch_size", 8 if batch_size is None else batch_size)
         self._max_gen_toks = _int_arg("max_gen_toks", max_gen_toks)
         self._seed = _int_arg("seed", seed, 0)
+        from gptj_jax.cache import check_kv_cache
+
+        self.kv_cache = check_kv_cache(kv_cache)  # generate_until's engine cache ("int8": int8 K/V, per-head scales)
         try:
             self.dtype = as_dtype(dtype)
         except ValueError as e:
@@ -260,7 +266,8 @@ class GPTJLM(TemplateLM):
             from gptj_jax.engine import LLM
 
             self._llm = LLM(self.config, self.params, max_slots=self._slots(), max_len=self.max_length,
-                            dtype=self.dtype, mesh=self.mesh, tokenizer=self.tokenizer, max_waiting=1 << 30)
+                            dtype=self.dtype, mesh=self.mesh, tokenizer=self.tokenizer, max_waiting=1 << 30,
+                            kv_cache=self.kv_cache)
         return self._llm
 
     def _slots(self) -> int:

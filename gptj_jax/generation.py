@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .cache import Cache, init_cache
+from .cache import Cache, check_kv_cache, init_cache
 from .config import GPTJConfig
 from .generation_config import GenerationConfig, GenerationError
 from .model import GPTJForCausalLM
@@ -119,9 +119,10 @@ def forward_cached(
     return out.logits[:, -1], out.cache
 
 
-def _prefill(params: Params, tokens: Array, mask: Array, config: GPTJConfig, cache_len: int, dtype: Any):
+def _prefill(params: Params, tokens: Array, mask: Array, config: GPTJConfig, cache_len: int, dtype: Any,
+             kv_cache: Optional[str] = None):
     """tokens, mask ``[B, P]`` -> (logits at the last position ``[B, V]`` float32, cache with ``cache_len`` slots)."""
-    cache = init_cache(config, tokens.shape[0], cache_len, dtype)
+    cache = init_cache(config, tokens.shape[0], cache_len, dtype, kv_cache)
     return forward_cached(params, tokens, mask, cache, config=config, dtype=dtype)
 
 
@@ -130,22 +131,23 @@ def _forward_one(params: Params, cache: Cache, tokens: Array, config: GPTJConfig
     return forward_cached(params, tokens[:, None], None, cache, config=config, dtype=dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_len", "dtype"))
+@functools.partial(jax.jit, static_argnames=("config", "cache_len", "dtype", "kv_cache"))
 def prefill(
     params: Params, tokens: Array, attention_mask: Array, *, config: GPTJConfig, cache_len: int,
-    dtype: Any = jnp.float32,
+    dtype: Any = jnp.float32, kv_cache: Optional[str] = None,
 ) -> tuple[Array, Cache]:
     """Run a left-padded prompt batch into a new cache.
 
     tokens, attention_mask ``[B, P]`` (1 = real token; pads on the left). Returns the logits of the last
     position ``[B, V]`` float32 (the LM head runs only there) and a cache (``cache.py``'s layout) with
     ``cache_len >= P`` slots, of which the first ``P`` are filled (``cache["index"]`` is ``P`` in every row).
-    Positions are ``cumsum(mask) - 1`` per row.
+    Positions are ``cumsum(mask) - 1`` per row. ``kv_cache="int8"``: the cache holds int8 K/V with per-head
+    scales (``cache.init_cache``); ``decode_step`` takes either cache.
     """
     TRACE_COUNTS["prefill"] += 1
     if cache_len < tokens.shape[1]:
         raise GenerationError(f"cache_len {cache_len} is shorter than the prompt ({tokens.shape[1]} tokens)")
-    return _prefill(params, tokens, attention_mask, config, cache_len, dtype)
+    return _prefill(params, tokens, attention_mask, config, cache_len, dtype, kv_cache)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
@@ -315,6 +317,7 @@ def generate(
     tokenizer: Any = None,
     dtype: Any = None,
     stream_interval: int = 8,
+    kv_cache: Optional[str] = None,
     **overrides: Any,
 ) -> GenerateOutput:
     """Generate continuations of a batch of prompts (Transformers' ``generate`` semantics).
@@ -362,6 +365,8 @@ def generate(
       streamer: called with a :class:`StreamChunk` every ``stream_interval`` steps (and at the end).
       tokenizer: needed for ``stop_strings``; GPT-J's tokenizer also turns on ``suppress_extra_tokens``.
       dtype: compute dtype (default: the dtype of the params' embedding); the cache uses it too.
+      kv_cache: ``"int8"`` stores K/V as int8 with one float32 scale per (row, head, slot), dequantized in
+        ``dtype`` when read (``cache.py``; about half the cache bytes of bfloat16); None (default): K/V in ``dtype``.
 
     Returns a :class:`GenerateOutput` whose ``sequences`` are ``[B * R, P + max_new_tokens]``; with
     ``num_beams > 1``, :func:`gptj_jax.beam.beam_search`'s :class:`~gptj_jax.beam.BeamOutput` (the same
@@ -373,12 +378,12 @@ def generate(
         return beam_search(
             config, params, input_ids, attention_mask, generation_config, return_logprobs=return_logprobs,
             mesh=mesh, streamer=streamer, tokenizer=tokenizer, dtype=dtype, stream_interval=stream_interval,
-            **overrides,
+            kv_cache=kv_cache, **overrides,
         )
     stream = iter_generate(
         config, params, input_ids, attention_mask, generation_config, return_logprobs=return_logprobs, mesh=mesh,
         tokenizer=tokenizer, dtype=dtype, stream_interval=stream_interval if streamer is not None else None,
-        **overrides,
+        kv_cache=kv_cache, **overrides,
     )
     output = None
     for chunk in stream:
@@ -400,6 +405,7 @@ def iter_generate(
     tokenizer: Any = None,
     dtype: Any = None,
     stream_interval: Optional[int] = 8,
+    kv_cache: Optional[str] = None,
     **overrides: Any,
 ) -> Iterator[StreamChunk]:
     """:func:`generate` as an iterator of :class:`StreamChunk` (every ``stream_interval`` decode steps;
@@ -411,6 +417,7 @@ def iter_generate(
     # ---- validate everything before touching the device
     if not isinstance(config, GPTJConfig):
         raise GenerationError(f"config must be a GPTJConfig, got {type(config).__name__}")
+    check_kv_cache(kv_cache)
     gc = resolve_config(generation_config, return_logprobs, **overrides)
     if gc.max_new_tokens is None:
         raise GenerationError(
@@ -452,7 +459,7 @@ def iter_generate(
         sharding.validate_config(config, mesh, "causal_lm")
         row_multiple = sharding.axis_size(mesh, sharding.logical_to_mesh(("batch",))[0])
     job = _Job(gc, ids, mask, plan, tokenizer)
-    return _iterate(config, params, job, dtype, mesh, row_multiple, stream_interval)
+    return _iterate(config, params, job, dtype, mesh, row_multiple, stream_interval, kv_cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -471,7 +478,7 @@ STOP_CHECK = 8  # without streaming, stop strings are checked every this many ne
 
 
 def _iterate(config: GPTJConfig, params: Params, job: _Job, dtype: Any, mesh: Any, row_multiple: int,
-             stream_interval: Optional[int]) -> Iterator[StreamChunk]:
+             stream_interval: Optional[int], kv_cache: Optional[str] = None) -> Iterator[StreamChunk]:
     """Run the call on an :class:`~gptj_jax.engine.Engine` sized for it: ``B_b * R`` decode slots of
     ``P_b + N_b`` cache slots; every prompt prefilled in one program and inserted at once; then decode steps,
     dispatched ``LOOKAHEAD`` ahead of the host, until every row has ended."""
@@ -492,7 +499,7 @@ def _iterate(config: GPTJConfig, params: Params, job: _Job, dtype: Any, mesh: An
     eos_slots = max(EOS_SLOTS, 1 << (len(eos) - 1).bit_length() if eos else 0)  # 8, or the power of two above
     engine = Engine(
         config, params, max_slots=rows, max_len=P_b + N_b, dtype=dtype, mesh=mesh, eos_slots=eos_slots,
-        bad_words_capacity=(1, 1) if plan.bad_words is None else tuple(plan.bad_words.shape),
+        bad_words_capacity=(1, 1) if plan.bad_words is None else tuple(plan.bad_words.shape), kv_cache=kv_cache,
     )
     prompts = np.zeros((B, longest), np.int64)  # each prompt's real tokens first
     for b in range(B):

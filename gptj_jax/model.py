@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from .cache import Cache, check_cache, write_kv, write_mask
+from .cache import Cache, check_cache, dequantize_kv, quantize_kv, write_kv, write_mask
 from .config import ATTENTION_IMPLS, GPTJConfig
 from .losses import causal_lm_loss, token_cross_entropy
 
@@ -355,7 +355,7 @@ class GPTJAttention(nn.Module):
         sin: Array,  # [B, T, R/2]
         cos: Array,
         allowed: Array,  # [B, T, S] bool
-        layer_cache: Optional[dict[str, Array]],  # {"k","v": [B, N, S, H]}
+        layer_cache: Optional[dict[str, Array]],  # {"k","v": [B, N, S, H]} (+ int8: "k_scale","v_scale" [B, N, S, 1])
         cache_index: Optional[Array],  # [B] int32: slot of each row's first new token
         deterministic: bool,
         segments: Optional[Array] = None,  # [B, T] int32 1 real / 0 pad: the kernels' segment ids
@@ -379,7 +379,17 @@ class GPTJAttention(nn.Module):
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, N, T, H]: the cache layout
         k_new, v_new = k, v
         new_cache = None
-        if layer_cache is not None:
+        if layer_cache is not None and "k_scale" in layer_cache:  # int8 cache (cache.py): quantize, write, dequantize
+            new_cache, stored = {}, {}
+            for name, x in (("k", k), ("v", v)):
+                xq, xs = quantize_kv(x)  # [B, N, T, H] int8, [B, N, T, 1] float32
+                new_cache[name] = write_kv(layer_cache[name], xq, cache_index)  # [B, N, S, H]
+                new_cache[name + "_scale"] = write_kv(layer_cache[name + "_scale"], xs, cache_index)  # [B, N, S, 1]
+                stored[name] = dequantize_kv(xq, xs, self.dtype)  # the new tokens as stored (what a kernel sees)
+            k_new, v_new = stored["k"], stored["v"]
+            k = dequantize_kv(new_cache["k"], new_cache["k_scale"], self.dtype)
+            v = dequantize_kv(new_cache["v"], new_cache["v_scale"], self.dtype)
+        elif layer_cache is not None:
             k = write_kv(layer_cache["k"], k, cache_index)  # [B, N, S, H]
             v = write_kv(layer_cache["v"], v, cache_index)
             new_cache = {"k": k, "v": v}

@@ -967,6 +967,7 @@ def serve(
     ready_message: bool = True,
     quantize: Optional[str] = None,
     quantize_embeddings: bool = False,
+    kv_cache: Optional[str] = None,
 ) -> int:
     """Load ``model`` (anything :func:`gptj_jax.load` reads), build the engine and serve it until SIGTERM /
     Ctrl-C; returns the exit code (0 after a graceful shutdown, 1 if the warm-up failed).
@@ -974,7 +975,11 @@ def serve(
     ``mesh``: a ``jax.sharding.Mesh`` or a ``"dp=..,fsdp=..,mp=.."`` string. ``max_len``: cache slots per
     request (default ``n_positions``). ``grace``: seconds in-flight requests get to finish after SIGTERM.
     ``quantize="int8"``: int8 weight-only weights, quantized as they load (``gptj_jax.load``'s).
+    ``kv_cache="int8"``: int8 K/V with per-head scales in the engine's cache (``cache.init_cache``).
     """
+    from .cache import check_kv_cache
+
+    check_kv_cache(kv_cache)
     import uvicorn
 
     from .convert.load import load
@@ -988,7 +993,7 @@ def serve(
     cfg, params = load(model, mesh=mesh, dtype=dtype, revision=revision, config=config, head="causal_lm",
                        quantize=quantize, quantize_embeddings=quantize_embeddings)
     llm = LLM(cfg, params, max_slots=max_slots, max_len=max_len, dtype=dtype, mesh=mesh, tokenizer=tok,
-              max_waiting=max_waiting)
+              max_waiting=max_waiting, kv_cache=kv_cache)
     name = served_model_name or str(getattr(model, "spec", model)).rstrip("/")
     state = ServerState(llm, model_name=name, tokenizer=tok)
     app = create_app(state)

@@ -414,7 +414,8 @@ def cache_shardings(config: GPTJConfig, mesh: Mesh, cache: Any, rules: Rules = D
 
     The one cache sharding (generation, ``plan`` and the benchmarks use it): the logical axes of
     ``cache.CACHE_AXES`` through ``rules``, so with the defaults k / v ``[B, N, S, H]`` have rows over the
-    batch axes and heads over ``mp``, and mask ``[B, S]``, index ``[B]`` and lengths ``[B]`` are split by rows.
+    batch axes and heads over ``mp``, an int8 cache's scales ``[B, N, S, 1]`` likewise, and mask ``[B, S]``,
+    index ``[B]`` and lengths ``[B]`` are split by rows.
     """
     validate_config(config, mesh, "base", rules)
     check_batch(mesh, int(np.shape(cache["mask"])[0]), rules)
@@ -424,10 +425,11 @@ def cache_shardings(config: GPTJConfig, mesh: Mesh, cache: Any, rules: Rules = D
 
 
 def init_sharded_cache(
-    config: GPTJConfig, mesh: Mesh, batch_size: int, max_len: int, dtype: Any = jnp.float32, rules: Rules = DEFAULT_RULES
+    config: GPTJConfig, mesh: Mesh, batch_size: int, max_len: int, dtype: Any = jnp.float32, rules: Rules = DEFAULT_RULES,
+    kv_cache: Optional[str] = None,
 ) -> Any:
-    """An empty cache created directly in its shards (never whole on one device)."""
-    make = functools.partial(init_cache, config, batch_size, max_len, dtype)
+    """An empty cache created directly in its shards (never whole on one device); ``kv_cache``: ``init_cache``'s."""
+    make = functools.partial(init_cache, config, batch_size, max_len, dtype, kv_cache)
     shardings = cache_shardings(config, mesh, jax.eval_shape(make), rules)
     return jax.jit(make, out_shardings=shardings)()
 

@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     common = dict(
         max_new_tokens=max_new, min_new_tokens=args.min_new_tokens, **sampling,
         eos_token_id=[] if args.no_eos else args.eos_token_id, stop_strings=args.stop or None,
-        num_return_sequences=args.num_return_sequences, mesh=mesh,
+        num_return_sequences=args.num_return_sequences, mesh=mesh, kv_cache=flags["kv_cache"],
     )
     if args.input is not None:
         return _run_batch(args, config, params, tokenizer, prompts, common, scan)

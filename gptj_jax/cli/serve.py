@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         source, host=args.host, port=args.port, max_slots=args.max_slots, max_waiting=args.max_waiting,
         max_len=args.max_len, served_model_name=args.served_model_name or args.model, dtype=args.dtype,
         mesh=args.mesh, tokenizer=args.tokenizer, config=config, grace=args.grace, log_level=args.log_level,
-        quantize=flags["quantize"], quantize_embeddings=flags["quantize_embeddings"],
+        quantize=flags["quantize"], quantize_embeddings=flags["quantize_embeddings"], kv_cache=flags["kv_cache"],
     )
 
 
