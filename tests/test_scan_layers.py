@@ -141,6 +141,51 @@ def test_hf_mtj_ours_round_trip_bit_exact_through_stacked_layout(tmp_path):
                 assert all(same_bits(a[k], b[k]) for k in a.files), rel
 
 
+def test_scan_layers_training_run_loads_and_converts(tmp_path):
+    """A `scan_layers: true` training run saves its params stacked (``transformer/h/...`` [n_layer, ...]):
+    gptj_jax.load reads them per layer and stacked, and `gptj-jax convert` writes an HF model from them."""
+    import torch
+    import transformers
+
+    from gptj_jax.cli import main
+    from gptj_jax.train.config import load_train_config
+    from gptj_jax.train.data import write_records
+    from gptj_jax.train.loop import train
+
+    rows = (np.random.RandomState(0).randint(0, 128, (16, 1)) + np.arange(17)[None, :]) % 128
+    write_records(str(tmp_path / "data"), rows, num_bytes=16 * 17 * 3)
+    run = str(tmp_path / "run")
+    cfg = load_train_config(None, [
+        "layers=2", "d_model=32", "n_heads=4", "n_vocab=128", "pe_rotary_dims=4", "n_positions=64", "seq=16",
+        "dtype=float32", "progress=false", "scan_layers=true", "total_steps=2", "per_replica_batch=4", "lr=1e-2",
+        f"train_set={tmp_path / 'data'}", f"model_dir={run}",
+    ])
+    trained = jax.device_get(train(cfg)["final_params"])
+    assert trained["transformer"]["h"]["attn"]["q_proj"]["kernel"].shape == (2, 32, 32)  # stored as trained
+    ids, mask, _ = left_padded_batch(128, [9, 4])
+    config = gptj_jax.GPTJConfig.from_pretrained(run)
+    ref = np.asarray(M.GPTJForCausalLM(config.replace(scan_layers=True)).apply({"params": trained}, ids, mask).logits)
+    per_layer = table.unstack_layers(trained)
+
+    cfg_u, unrolled = gptj_jax.load(run)
+    assert not cfg_u.scan_layers and sorted(table.flatten(unrolled)) == sorted(table.flatten(per_layer))
+    assert all(same_bits(np.asarray(a), b) for a, b in zip(jax.tree.leaves(unrolled), jax.tree.leaves(per_layer)))
+    assert _max_err(M.GPTJForCausalLM(cfg_u).apply({"params": unrolled}, ids, mask).logits, ref) <= 1e-6
+
+    cfg_s, stacked = gptj_jax.load(run, config=config.replace(scan_layers=True))
+    assert stacked["transformer"]["h"]["mlp"]["fc_in"]["kernel"].shape == (2, 32, 128)
+    assert all(same_bits(np.asarray(a), b) for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(trained)))
+    assert _max_err(M.GPTJForCausalLM(cfg_s).apply({"params": stacked}, ids, mask).logits, ref) <= 1e-6
+
+    assert main(["convert", run, str(tmp_path / "hf"), "--to", "hf"]) == 0
+    _, from_hf = gptj_jax.load(str(tmp_path / "hf"))
+    assert all(same_bits(np.asarray(a), b) for a, b in zip(jax.tree.leaves(from_hf), jax.tree.leaves(per_layer)))
+    hf = transformers.GPTJForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        hf_logits = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    assert float(np.abs(hf_logits - ref)[mask.astype(bool)].max()) <= 1e-4
+
+
 # ============================================================================ the 8-device worker
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 2, 4)]
 MESH_CFG = dict(vocab_size=256, n_positions=64, n_embd=128, n_layer=2, n_head=8, rotary_dim=4, scan_layers=True)

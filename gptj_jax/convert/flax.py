@@ -13,6 +13,11 @@ step, ``<run>/<step>/params/``, with ``config.json`` in ``<run>/`` or ``<run>/<s
 Reads go leaf group by leaf group with orbax's ``partial_restore``: into NumPy arrays for conversion
 (:class:`FlaxReader`), so converting a Flax checkpoint to another format never holds the whole model,
 and straight into the target shardings for :func:`gptj_jax.load`.
+
+:func:`save` (and the converter) write the blocks per layer (``h_0 .. h_{L-1}``); a training run with
+``scan_layers: true`` saves its params as they are in memory, stacked (``transformer/h/...`` with a
+leading ``[n_layer]`` axis). :class:`FlaxReader` reads both: it tells the layout from the orbax metadata
+and shows a stacked item per layer (:meth:`FlaxReader.where`), restoring each stacked leaf once.
 """
 
 from __future__ import annotations
@@ -124,7 +129,11 @@ def save(path: PathLike, config: GPTJConfig, params: Mapping[str, Any], *, overw
 class FlaxReader:
     """Lazy reader of a Flax checkpoint: shapes from orbax metadata, leaves restored on demand.
 
-    ``read(paths)`` restores just those leaves (orbax ``partial_restore``) as NumPy arrays.
+    :attr:`paths` are the per-layer paths of the table (``transformer/h_0/...``) whatever the stored
+    layout; :attr:`stacked` says whether the item stores the blocks stacked (a ``scan_layers`` training
+    run), :attr:`stored_paths` the leaves as stored and :meth:`where` maps one to the other.
+    ``read(paths)`` restores just the stored leaves holding ``paths`` (orbax ``partial_restore``) as
+    NumPy arrays; a layer of a stacked leaf is a view of it (:func:`table.unstack_layers`).
     """
 
     def __init__(self, path: PathLike, config: Optional[GPTJConfig] = None):
@@ -150,13 +159,24 @@ class FlaxReader:
             self.head = table.head_of(tree)
         except ValueError as e:
             raise CheckpointError(f"{self.params_dir}: {e}") from None
-        expected = table.expected_param_shapes(config, self.head)
-        table.check_tree(
-            self._shape, expected, where=self.params_dir, what="leaf", model=table.describe(config, self.head)
-        )
-        self.paths = list(expected)
+        self.stacked = table.is_stacked(tree)
+        expected = table.model_param_shapes(config.replace(scan_layers=self.stacked), self.head)
+        model = table.describe(config, self.head) + (" (blocks stacked)" if self.stacked else "")
+        table.check_tree(self._shape, expected, where=self.params_dir, what="leaf", model=model)
+        self.stored_paths = list(expected)
+        self.paths = list(table.expected_param_shapes(config, self.head))
+        self._where = {p: table.stacked_path(p) if self.stacked else (p, None) for p in self.paths}
+        for p, (stored, layer) in self._where.items():
+            if layer is not None:
+                self._shape[p], self._dtype[p] = self._shape[stored][1:], self._dtype[stored]
+
+    def where(self, path: str) -> tuple[str, Optional[int]]:
+        """``(stored path, layer index)`` of a per-layer ``path``: ``(path, None)`` when the item stores it as
+        is, ``("transformer/h/...", i)`` for layer ``i`` of a stacked item."""
+        return self._where[path]
 
     def shape(self, path: str) -> tuple[int, ...]:
+        """The shape of a per-layer path or of a stored leaf."""
         return self._shape[path]
 
     def dtype(self, path: str) -> np.dtype:
@@ -166,7 +186,14 @@ class FlaxReader:
         return int(np.prod(self._shape[path], dtype=np.int64)) * self._dtype[path].itemsize
 
     def read(self, paths: Sequence[str]) -> dict[str, np.ndarray]:
-        """Restore the leaves at ``paths`` (our layout) as NumPy arrays."""
+        """Restore the leaves at ``paths`` (per-layer paths, our layout) as NumPy arrays; each stored leaf
+        they lie in is restored once."""
+        stored = list(dict.fromkeys(self._where[p][0] for p in paths))
+        restored = table.flatten(table.unstack_layers(table.unflatten(self._restore(stored))))
+        return {p: restored[p] for p in paths}
+
+    def _restore(self, paths: Sequence[str]) -> dict[str, np.ndarray]:
+        """Restore the stored leaves at ``paths`` as NumPy arrays."""
         ocp = _ocp()
         item = table.unflatten({p: 0 for p in paths})
         restore_args = table.unflatten({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in paths})
@@ -192,22 +219,27 @@ class FlaxReader:
         return out
 
     def groups(self, budget: int) -> list[list[str]]:
-        """Leaves in table order, cut into groups of at most ``budget`` bytes (a bigger leaf alone)."""
+        """Per-layer paths in table order, cut into groups of stored leaves of at most ``budget`` bytes (a
+        bigger leaf alone). A stacked leaf's layers stay in one group (it is restored once), so a stacked
+        item's paths come stored leaf by stored leaf: every layer's ``q_proj``, then every layer's ``k_proj``..."""
+        members: dict[str, list[str]] = {}
+        for p in self.paths:
+            members.setdefault(self._where[p][0], []).append(p)
         out: list[list[str]] = [[]]
         size = 0
-        for p in self.paths:
-            n = self.nbytes(p)
+        for stored, paths in members.items():
+            n = self.nbytes(stored)
             if out[-1] and size + n > budget:
                 out.append([])
                 size = 0
-            out[-1].append(p)
+            out[-1].extend(paths)
             size += n
         return [g for g in out if g]
 
     def iter_leaves(self, budget: Optional[int] = None) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield ``(path, array)`` in table order, restoring about ``budget`` bytes per orbax call
-        (default: the largest leaf, so peak memory stays near two leaves)."""
-        budget = budget or max(self.nbytes(p) for p in self.paths)
+        """Yield ``(path, array)`` in :meth:`groups` order (table order unless stacked), restoring about
+        ``budget`` bytes per orbax call (default: the largest stored leaf, so peak memory stays near two)."""
+        budget = budget or max(self.nbytes(p) for p in self.stored_paths)
         for group in self.groups(budget):
             arrays = self.read(group)
             for p in group:

@@ -561,7 +561,13 @@ def _restore_orbax(
     source: Source, config: GPTJConfig, head: Optional[str], shardings: Callable[[str], dict[str, Any]],
     dtype: Optional[np.dtype], placer: _Placer, post: Optional[Callable[[dict, list], None]] = None,
 ) -> tuple[str, dict[str, jax.Array]]:
-    """Our orbax checkpoint restored by orbax into the target shardings, about the largest leaf at a time."""
+    """Our orbax checkpoint restored by orbax into the target shardings, about the largest stored leaf at a time.
+
+    A stacked item (a ``scan_layers`` training run) is restored stacked, into the stacked shardings
+    (``shardings(head, True)``): kept so when ``config.scan_layers`` asks for that layout (and nothing is
+    quantized), else cut into its layers on the devices (:func:`table.unstack_layers`; each layer then put
+    in its per-layer sharding), which briefly holds one group of stacked leaves twice. ``out`` holds
+    per-layer paths, or stacked ones (``transformer/h/...``) when kept stacked."""
     import orbax.checkpoint as ocp
 
     from gptj_jax.convert.flax import FlaxReader
@@ -569,25 +575,31 @@ def _restore_orbax(
     reader = FlaxReader(source.path, config)
     head, prefix = _select_head(reader.head, head, reader.params_dir)
     flat_shardings = shardings(head)
-    paths = {p: prefix + p for p in table.expected_param_shapes(config, head)}
-    budget = max(reader.nbytes(paths[p]) for p in paths)
+    keep_stacked = reader.stacked and config.scan_layers and post is None
+    if reader.stacked:
+        flat_shardings.update(shardings(head, True))
+    # stored leaf (prefix-less) -> our per-layer paths in it, table order
+    members: dict[str, list[str]] = {}
+    for p in table.expected_param_shapes(config, head):
+        members.setdefault(reader.where(prefix + p)[0][len(prefix):], []).append(p)
+    budget = max(reader.nbytes(prefix + s) for s in members)
     groups: list[list[str]] = [[]]
     size = 0
-    for p in paths:
-        if groups[-1] and size + reader.nbytes(paths[p]) > budget:
+    for s in members:
+        if groups[-1] and size + reader.nbytes(prefix + s) > budget:
             groups.append([])
             size = 0
-        groups[-1].append(p)
-        size += reader.nbytes(paths[p])
+        groups[-1].append(s)
+        size += reader.nbytes(prefix + s)
     out: dict[str, jax.Array] = {}
     reads = bytes_read = max_read = 0
     for group in groups:
-        item = table.unflatten({paths[p]: 0 for p in group})
+        item = table.unflatten({prefix + s: 0 for s in group})
         args = table.unflatten({
-            paths[p]: ocp.ArrayRestoreArgs(
-                sharding=flat_shardings[p], dtype=dtype or reader.dtype(paths[p]), global_shape=reader.shape(paths[p])
+            prefix + s: ocp.ArrayRestoreArgs(
+                sharding=flat_shardings[s], dtype=dtype or reader.dtype(prefix + s), global_shape=reader.shape(prefix + s)
             )
-            for p in group
+            for s in group
         })
         try:
             restored = ocp.PyTreeCheckpointer().restore(
@@ -595,24 +607,33 @@ def _restore_orbax(
             )
         except (FileNotFoundError, ValueError, OSError) as e:
             raise CheckpointError(
-                f"{reader.params_dir}: cannot restore {paths[group[0]]!r}... ({type(e).__name__}: {e})"
+                f"{reader.params_dir}: cannot restore {prefix + group[0]!r}... ({type(e).__name__}: {e})"
             ) from None
-        flat = table.flatten(restored)
-        for p in group:
-            array = flat[paths[p]]
+        flat = {s: table.flatten(restored)[prefix + s] for s in group}
+        for s, array in flat.items():
             placer.created.append(array)
-            out[p] = array
-            placer.blocks[p] = tuple(array.sharding.shard_shape(array.shape))
-            placer.largest = max(placer.largest, reader.nbytes(paths[p]))
+            placer.largest = max(placer.largest, reader.nbytes(prefix + s))
             shards = {  # the distinct blocks
-                tuple(i.indices(n)[:2] for i, n in zip(s.index, array.shape)): s.data.nbytes
-                for s in array.addressable_shards
+                tuple(i.indices(n)[:2] for i, n in zip(sd.index, array.shape)): sd.data.nbytes
+                for sd in array.addressable_shards
             }
             reads, bytes_read = reads + len(shards), bytes_read + sum(shards.values())
             max_read = max([max_read, *shards.values()])
-        jax.block_until_ready([out[p] for p in group])
+        if reader.stacked and not keep_stacked:
+            stacked = flat
+            flat = {p: jax.device_put(x, flat_shardings[p])
+                    for p, x in table.flatten(table.unstack_layers(table.unflatten(stacked))).items()}
+            placer.created.extend(flat.values())
+            jax.block_until_ready(list(flat.values()))
+            for s, array in stacked.items():
+                if s not in flat:
+                    array.delete()
+        for p, array in flat.items():
+            out[p] = array
+            placer.blocks[p] = tuple(array.sharding.shard_shape(array.shape))
+        jax.block_until_ready(list(flat.values()))
         if post is not None:  # quantize this group now, before the next is restored
-            post(out, group)
+            post(out, list(flat))
     if placer.stats is not None:
         placer.stats.update(reads=reads, bytes_read=bytes_read, max_read_bytes=max_read)
     return head, out
@@ -712,15 +733,16 @@ def load(
     if head is not None and head not in HEADS:
         raise ValueError(f"head={head!r} is not a head; expected one of {list(HEADS)}")
 
-    def shardings(head: str) -> dict[str, jax.sharding.Sharding]:
+    def shardings(head: str, stacked: bool = False) -> dict[str, jax.sharding.Sharding]:
+        """Per-layer params' shardings by path (``stacked``: the stacked layout's, ``transformer/h/...``)."""
         if mesh is None:
             device = jax.config.jax_default_device
             single = jax.sharding.SingleDeviceSharding(
                 device if isinstance(device, jax.Device) else jax.local_devices()[0]
             )
-            return {p: single for p in table.expected_param_shapes(config, head)}
+            return {p: single for p in table.model_param_shapes(config.replace(scan_layers=stacked), head)}
         try:
-            return table.flatten(sh.param_shardings(config.replace(scan_layers=False), mesh, head, rules))
+            return table.flatten(sh.param_shardings(config.replace(scan_layers=stacked), mesh, head, rules))
         except ValueError as e:
             raise ValueError(f"{src.spec}: cannot split the model over mesh {sh.describe_mesh(mesh)}: {e}") from None
 
@@ -750,7 +772,7 @@ def load(
     post = quantize_placed if quantize else None
     if src.format == "flax":
         try:
-            head, flat = _restore_orbax(src, config, head, shardings, np_dtype, placer, post)
+            head, flat = _restore_orbax(src, config, head, shardings, np_dtype, placer, post)  # per layer or stacked
         except BaseException:
             placer.abort()
             raise
@@ -786,8 +808,9 @@ def load(
 
 def _stack_if_scanned(config: GPTJConfig, mesh: Optional[jax.sharding.Mesh], head: str, rules: sh.Rules,
                       params: Params) -> Params:
-    """Per-layer params -> the stacked layout when ``config.scan_layers`` (else as they are)."""
-    if not config.scan_layers:
+    """Per-layer params -> the stacked layout when ``config.scan_layers`` (else as they are; params read
+    stacked from a ``scan_layers`` training run stay as they are)."""
+    if not config.scan_layers or table.is_stacked(params):
         return params
     if mesh is None:
         return table.stack_layers(params)

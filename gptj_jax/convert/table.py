@@ -396,6 +396,18 @@ def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (out_parent if k == "transformer" else v) for k, v in params.items()}
 
 
+_LAYER_PATH = re.compile(r"^((?:.*/)?)h_(\d+)/(.+)$")
+
+
+def stacked_path(path: str) -> tuple[str, Optional[int]]:
+    """Where a per-layer path lies in the stacked layout: ``transformer/h_3/attn/q_proj/kernel`` ->
+    ``("transformer/h/attn/q_proj/kernel", 3)``; a path outside the blocks -> ``(path, None)``."""
+    m = _LAYER_PATH.match(path)
+    if m is None:
+        return path, None
+    return f"{m.group(1)}{STACKED_KEY}/{m.group(3)}", int(m.group(2))
+
+
 def architecture_of(params: Mapping[str, Any]) -> str:
     """The HF class name for a params tree, e.g. ``GPTJForCausalLM``."""
     return HEADS[head_of(params)].architecture
