@@ -106,6 +106,36 @@ def adapter_shapes(config: GPTJConfig, spec: LoraSpec, dtype: Any = jnp.float32)
     return table.unflatten(flat)
 
 
+def adapter_logical_axes(config: GPTJConfig, spec: LoraSpec) -> Any:
+    """Logical axis names of the adapters, a tree like :func:`adapter_shapes` of ``PartitionSpec`` leaves:
+    ``lora_a [in, r]`` takes its base kernel's input-axis name, ``lora_b [r, out]`` its output-axis name, the
+    rank axis none (e.g. ``q_proj`` ``("embed", "heads")`` -> ``lora_a ("embed", None)``, ``lora_b (None,
+    "heads")``). :func:`adapter_shardings` maps them to the mesh by the rules of :mod:`gptj_jax.sharding`."""
+    from jax.sharding import PartitionSpec as P
+
+    from gptj_jax.convert import table
+    from gptj_jax.model import logical_axes
+
+    base = table.flatten(logical_axes(config, "causal_lm"))
+    flat = {}
+    for p in spec.paths:
+        n_in, n_out = tuple(base[p])
+        flat[p + "/lora_a"] = P(n_in, None)
+        flat[p + "/lora_b"] = P(None, n_out)
+    return table.unflatten(flat)
+
+
+def adapter_shardings(config: GPTJConfig, spec: LoraSpec, mesh: Any, rules: Any = None) -> Any:
+    """NamedSharding tree of the adapters on ``mesh``: each split like its base kernel's matching axis
+    (:func:`adapter_logical_axes` through ``rules``, default ``sharding.DEFAULT_RULES``), so on an
+    ``fsdp`` x ``mp`` mesh no device holds a whole adapter the base is split for."""
+    from gptj_jax import sharding as sh
+
+    rules = sh.DEFAULT_RULES if rules is None else rules
+    return jax.tree.map(lambda names: sh.logical_sharding(mesh, tuple(names), rules),
+                        adapter_logical_axes(config, spec))
+
+
 def init_adapters(config: GPTJConfig, spec: LoraSpec, rng: Array, dtype: Any = jnp.float32) -> Any:
     """Fresh adapters: ``lora_a`` uniform in ``±1/sqrt(in)`` (PEFT's kaiming_uniform(a=sqrt(5))), ``lora_b`` zeros."""
     from gptj_jax.convert import table

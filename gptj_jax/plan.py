@@ -14,6 +14,10 @@ Steps:
   sharded by ``sharding.cache_shardings``.
 * ``--train``: the fine-tuning step of ``gptj_jax.train.step`` (forward, backward, mtj's Adam chain,
   donated state) on a ``[grad_accum, batch, seq + 1]`` token batch.
+* ``--mode int8``: prefill and decode of the int8 weight-only model (``quantize.py``'s tree: int8 kernels
+  sharded like the float ones, their scales like the kernels' output axis; dequantized inside the step).
+* ``--mode lora`` / ``qlora``: the LoRA train step: float32 adapters (sharded like their base kernels) and
+  their Adam state donated, the frozen base (bfloat16, or int8 for QLoRA) a separate argument.
 
 CPU compilation is a proxy for TPU / GPU: XLA's CPU backend fuses differently and may upcast
 bfloat16 matmuls, so temporaries are an estimate; params, optimizer state and cache are exact.
@@ -293,8 +297,14 @@ def _compile(name: str, jitted: Any, *args: Any) -> StepMemory:
     )
 
 
-def inference_steps(config: Any, mesh: Any, batch: int, seq: int, dtype: Any, param_dtype: Any) -> tuple[list[StepMemory], dict[str, int]]:
-    """Compile prefill and decode on abstract inputs; returns their memory and the analytic cache / param bytes."""
+def inference_steps(config: Any, mesh: Any, batch: int, seq: int, dtype: Any, param_dtype: Any,
+                    quantize: Optional[str] = None) -> tuple[list[StepMemory], dict[str, int]]:
+    """Compile prefill and decode on abstract inputs; returns their memory and the analytic cache / param bytes.
+
+    ``quantize="int8"``: the params are the int8 tree of ``quantize.py`` (:func:`abstract_quantized`: each
+    kernel's int8 values sharded like the kernel, its scales like the kernel's output axis), dequantized to
+    ``param_dtype`` inside the step as ``generate`` does; the analytic counts then add ``dequantized``, one
+    block's kernels in ``param_dtype`` on this device (the matmuls' operands if XLA does not fuse them)."""
     import jax
     import jax.numpy as jnp
 
@@ -303,6 +313,8 @@ def inference_steps(config: Any, mesh: Any, batch: int, seq: int, dtype: Any, pa
     from gptj_jax.generation import forward_cached
 
     params = sh.abstract_params(config, mesh, "causal_lm", param_dtype)
+    if quantize:
+        params = abstract_quantized(params, sh.param_shardings(config, mesh), quantize)
     cache_shape = jax.eval_shape(lambda: init_cache(config, batch, seq, dtype))
     cache_sh = sh.cache_shardings(config, mesh, cache_shape)
     cache = jax.tree.map(lambda s, shd: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shd), cache_shape, cache_sh)
@@ -319,15 +331,24 @@ def inference_steps(config: Any, mesh: Any, batch: int, seq: int, dtype: Any, pa
         _compile("decode", jitted, params, one, one, cache),
     ]
     analytic = {
-        "params": sh.sharded_bytes(params, sh.param_shardings(config, mesh)),
+        "params": sh.sharded_bytes(params, jax.tree.map(lambda x: x.sharding, params)),
         "kv_cache": sh.sharded_bytes(cache_shape, cache_sh),
     }
+    if quantize:
+        analytic["dequantized"] = dequantized_block_bytes(config, mesh, param_dtype)
     return steps, analytic
 
 
 def train_steps(config: Any, mesh: Any, batch: int, seq: int, dtype: str, param_dtype: Any, remat: str,
-                grad_accum: int, forward: str, loss_block_size: int = 0) -> tuple[list[StepMemory], dict[str, int]]:
-    """Compile the fine-tuning step of ``gptj_jax.train.step`` on an abstract train state and batch."""
+                grad_accum: int, forward: str, loss_block_size: int = 0, lora_rank: int = 0,
+                base_quantize: Optional[str] = None) -> tuple[list[StepMemory], dict[str, int]]:
+    """Compile the fine-tuning step of ``gptj_jax.train.step`` on an abstract train state and batch.
+
+    ``lora_rank > 0``: the LoRA step instead (``lora_alpha`` 2 x rank, the default targets q/k/v/out_proj and
+    fc_in/fc_out): the state trains the ``param_dtype`` adapters only, sharded like their base kernels, and
+    the frozen base (in the compute ``dtype``; int8 with ``base_quantize="int8"``, QLoRA) is a third
+    argument, never donated; the analytic counts add ``base`` (its bytes on this device) and, for an int8
+    base, ``dequantized`` (one block's kernels in ``dtype``)."""
     import jax
     import jax.numpy as jnp
 
@@ -335,8 +356,18 @@ def train_steps(config: Any, mesh: Any, batch: int, seq: int, dtype: str, param_
     from gptj_jax.train import step as train_step
     from gptj_jax.train.optimizer import mtj_optimizer, mtj_schedule
 
+    spec, base = None, None
+    if lora_rank:
+        from gptj_jax.lora import make_spec
+
+        spec = make_spec(config, lora_rank, alpha=2.0 * lora_rank)
+        base = sh.abstract_params(config, mesh, "causal_lm", jnp.dtype(dtype))
+        if base_quantize:
+            base = abstract_quantized(base, sh.param_shardings(config, mesh), base_quantize)
     cfg = train_step.StepConfig(model=config, dtype=dtype, remat=remat, forward=forward, grad_accum=grad_accum,
-                                loss_block_size=loss_block_size)
+                                loss_block_size=loss_block_size, lora=spec,
+                                lora_base_quantize=base_quantize if spec else None,
+                                lora_base_dtype=jnp.dtype(dtype).name if spec else None)
     schedule = mtj_schedule(warmup_steps=100, anneal_steps=1000, lr=1e-5, end_lr=1e-6)
     optimizer = mtj_optimizer(lr_schedule=schedule, weight_decay=0.1, gradient_accumulation_steps=grad_accum)
     shardings = train_step.state_shardings(cfg, mesh, optimizer, param_dtype)
@@ -344,7 +375,7 @@ def train_steps(config: Any, mesh: Any, batch: int, seq: int, dtype: str, param_
     jitted = train_step.make_train_step(cfg, mesh, optimizer, schedule, shardings)
     tokens = jax.ShapeDtypeStruct((grad_accum, batch, seq + 1), jnp.int32,
                                   sharding=train_step.batch_spec_sharding(mesh))
-    steps = [_compile("train", jitted, state, tokens)]
+    steps = [_compile("train", jitted, state, tokens, *((base,) if spec else ()))]
     params_bytes = sh.sharded_bytes(state["params"], shardings["params"])
     analytic = {
         "params": params_bytes,
@@ -354,7 +385,42 @@ def train_steps(config: Any, mesh: Any, batch: int, seq: int, dtype: str, param_
             jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), state["params"]), shardings["params"]
         ),
     }
+    if spec:
+        analytic["base"] = sh.sharded_bytes(base, jax.tree.map(lambda x: x.sharding, base))
+        if base_quantize:
+            analytic["dequantized"] = dequantized_block_bytes(config, mesh, jnp.dtype(dtype))
     return steps, analytic
+
+
+def abstract_quantized(params: Any, shardings: Any, scheme: str = "int8") -> Any:
+    """``ShapeDtypeStruct`` tree (with shardings) of the ``scheme``-quantized ``params`` (float
+    ``ShapeDtypeStruct`` params, :func:`sharding.abstract_params`) placed as ``load(..., quantize=scheme)`` places
+    them on the mesh: each quantized kernel's int8 values with the kernel's sharding ``shardings``, its scales
+    with the kernel's output axis (``quantize.shardings``); the other leaves as they were. Nothing is made."""
+    import jax
+
+    from gptj_jax import quantize
+
+    shapes = quantize.abstract_params(params, scheme)
+    placed = quantize.shardings(shapes, shardings)
+    return jax.tree.map(lambda s, shd: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shd), shapes, placed)
+
+
+def dequantized_block_bytes(config: Any, mesh: Any, dtype: Any) -> int:
+    """Bytes on one device of one block's matmul kernels in ``dtype``, split as their shardings split them: what
+    dequantizing one block of an int8 model holds (``mode_memory``'s ``dequantized``, for the mesh)."""
+    import jax
+
+    from gptj_jax import sharding as sh
+    from gptj_jax.convert import table
+
+    shardings = table.flatten(sh.param_shardings(config, mesh))
+    kernels = {f"transformer/h_0/{name}/kernel": shape for name, shape in (
+        (f"attn/{n}", (config.n_embd, config.n_embd)) for n in ("q_proj", "k_proj", "v_proj", "out_proj"))}
+    kernels["transformer/h_0/mlp/fc_in/kernel"] = (config.n_embd, config.inner_dim)
+    kernels["transformer/h_0/mlp/fc_out/kernel"] = (config.inner_dim, config.n_embd)
+    return sh.sharded_bytes([jax.ShapeDtypeStruct(s, dtype) for s in kernels.values()],
+                            [shardings[p] for p in kernels])
 
 
 # ---------------------------------------------------------------------------------------- plan
@@ -390,6 +456,7 @@ def make_plan(
     target: str = "",
     mode: Optional[str] = None,
     loss_block_size: Optional[int] = None,
+    lora_rank: int = 8,
 ) -> Plan:
     """Build the mesh on the (simulated) devices, compile the steps, and collect the numbers.
 
@@ -398,7 +465,9 @@ def make_plan(
     (:func:`tpu_devices`, then ``target`` is their :data:`HOSTS` key). ``mode``: one of :data:`MODES`
     with a compiled step in :data:`STEP_BUILDERS` (default: ``"full"`` with ``train``, else ``"bf16"``,
     i.e. inference in ``dtype``). ``loss_block_size``: the train step's (None: the train config's
-    default; 0: full logits).
+    default; 0: full logits; the LoRA step always takes the full logits). ``lora_rank``: the adapters'
+    rank for ``lora`` / ``qlora``, whose frozen base is in ``dtype`` (int8 for ``qlora``) and whose
+    ``param_dtype`` is the adapters'.
     """
     import jax.numpy as jnp
 
@@ -414,9 +483,11 @@ def make_plan(
     itemsize = jnp.dtype(dtype).itemsize
     if loss_block_size is None:
         loss_block_size = default_loss_block_size()
+    if mode in ("lora", "qlora"):
+        loss_block_size = 0  # the LoRA step computes the full logits (train/step.py)
     steps, analytic = STEP_BUILDERS[mode](config, mesh, batch, seq, dtype=dtype, param_dtype=jnp.dtype(param_dtype),
                                           remat=remat, grad_accum=grad_accum, forward=forward,
-                                          loss_block_size=loss_block_size)
+                                          loss_block_size=loss_block_size, lora_rank=lora_rank)
     analytic["activations"] = activation_estimate(config, sizes, batch, seq, train, itemsize, remat, loss_block_size)
     used = list(mesh.devices.flat)
     if target:
@@ -436,9 +507,9 @@ def make_plan(
 
 
 # Compiled steps per mode: ``builder(config, mesh, batch, seq, *, dtype, param_dtype, remat, grad_accum,
-# forward, loss_block_size) -> (steps, analytic bytes per device)``. int8 inference, LoRA and QLoRA have their code
-# (quantize.py, lora.py) but no builder here yet (``STEP_BUILDERS["int8"] = ...``); ``plan --modes`` covers them
-# analytically.
+# forward, loss_block_size, lora_rank) -> (steps, analytic bytes per device)``: bf16 / int8 inference (prefill +
+# decode; int8: the int8 tree of quantize.py, dequantized in the step), full fine-tuning, LoRA (bfloat16 frozen
+# base) and QLoRA (int8 frozen base) training steps.
 def check_mode(mode: str) -> str:
     """``mode`` if it is one of :data:`MODES` with a compiled step in :data:`STEP_BUILDERS`; else ValueError."""
     if mode not in MODES:
@@ -459,13 +530,47 @@ def _inference_builder(config: Any, mesh: Any, batch: int, seq: int, *, dtype: s
 
 
 def _train_builder(config: Any, mesh: Any, batch: int, seq: int, *, dtype: str, param_dtype: Any, remat: str,
-                   grad_accum: int, forward: str, loss_block_size: int = 0) -> tuple[list[StepMemory], dict[str, int]]:
+                   grad_accum: int, forward: str, loss_block_size: int = 0,
+                   **_: Any) -> tuple[list[StepMemory], dict[str, int]]:
     return train_steps(config, mesh, batch, seq, dtype, param_dtype, remat, grad_accum, forward, loss_block_size)
+
+
+def _no_stacked_int8(config: Any, mode: str) -> None:
+    if config.scan_layers:
+        raise ValueError(f"--mode {mode}: int8 quantizes the per-block kernels (transformer/h_N/...), which "
+                         "scan_layers stacks; plan it with scan_layers false")
+
+
+def _int8_builder(config: Any, mesh: Any, batch: int, seq: int, *, dtype: str, param_dtype: Any,
+                  **_: Any) -> tuple[list[StepMemory], dict[str, int]]:
+    import jax.numpy as jnp
+
+    _no_stacked_int8(config, "int8")
+    return inference_steps(config, mesh, batch, seq, jnp.dtype(dtype), param_dtype, quantize="int8")
+
+
+def _lora_builder(config: Any, mesh: Any, batch: int, seq: int, *, dtype: str, param_dtype: Any, remat: str,
+                  grad_accum: int, forward: str, lora_rank: int = 8, base_quantize: Optional[str] = None,
+                  **_: Any) -> tuple[list[StepMemory], dict[str, int]]:
+    if lora_rank < 1:
+        raise ValueError(f"--lora-rank must be >= 1, got {lora_rank}")
+    if forward != "gspmd":
+        raise ValueError(f"--mode {'qlora' if base_quantize else 'lora'}: LoRA trains with --forward gspmd only")
+    return train_steps(config, mesh, batch, seq, dtype, param_dtype, remat, grad_accum, forward, 0,
+                       lora_rank=lora_rank, base_quantize=base_quantize)
+
+
+def _qlora_builder(config: Any, mesh: Any, batch: int, seq: int, **kwargs: Any) -> tuple[list[StepMemory], dict[str, int]]:
+    _no_stacked_int8(config, "qlora")
+    return _lora_builder(config, mesh, batch, seq, **kwargs, base_quantize="int8")
 
 
 STEP_BUILDERS: dict[str, Callable[..., tuple[list[StepMemory], dict[str, int]]]] = {
     "bf16": _inference_builder,
+    "int8": _int8_builder,
     "full": _train_builder,
+    "lora": _lora_builder,
+    "qlora": _qlora_builder,
 }
 
 
@@ -535,8 +640,9 @@ def format_plan(plan: Plan) -> str:
     for key, value in plan.analytic.items():
         label = "activations (rough estimate)" if key == "activations" else key
         lines.append(f"| {label} | {_gib(value)} |")
-    state = sum(v for k, v in plan.analytic.items() if k in ("params", "opt_state", "kv_cache"))
-    lines += [f"| persistent state (params + optimizer state + cache) | {_gib(state)} |", ""]
+    state = sum(v for k, v in plan.analytic.items() if k in ("params", "opt_state", "kv_cache", "base"))
+    lines += [f"| persistent state (params + optimizer state + cache{' + frozen base' if 'base' in plan.analytic else ''})"
+              f" | {_gib(state)} |", ""]
     lines += [
         "### Per-device memory, compiled (`memory_analysis()`)",
         "",

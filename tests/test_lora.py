@@ -316,3 +316,72 @@ def test_qlora_on_a_4_device_mesh_matches_one_device(setup, tmp_path):
     for p in one["adapters"]:
         np.testing.assert_allclose(np.array(four["adapters"][p]), np.array(one["adapters"][p]), atol=1e-5, rtol=0)
     assert any(np.abs(np.array(v)).max() > 0 for p, v in one["adapters"].items() if p.endswith("lora_b"))
+
+
+_SHARDING_SCRIPT = """
+import json, sys
+import jax, numpy as np
+from gptj_jax.convert import table
+from gptj_jax.train.config import load_train_config
+from gptj_jax.train.loop import train
+s = train(load_train_config(None, json.loads(sys.argv[1])))
+def info(x):
+    return {"value": np.asarray(jax.device_get(x)).tolist(), "replicated": x.sharding.is_fully_replicated,
+            "shard": list(x.sharding.shard_shape(x.shape))}
+adapters = {p: info(x) for p, x in table.flatten(s["final_params"]).items()}
+base = {p: info(x) for p, x in table.flatten(s["base_params"]).items() if p + "/lora_a" in adapters}
+for v in base.values():
+    del v["value"]
+print(json.dumps({"loss": s["loss"], "adapters": adapters, "base": base}))
+"""
+
+
+def test_lora_adapters_shard_like_their_base_on_an_8_device_mesh(setup, tmp_path):
+    """On fsdp=2 x mp=4 every adapter is split like its base kernel (lora_a [in, r] along the kernel's input axis,
+    lora_b [r, out] along its output axis, the rank unsplit), not replicated; training gives the adapters of one
+    device (the same 4 rows per step: per_replica_batch x dp x fsdp) up to reduction order: the gradients are summed
+    over fsdp's halves of the batch and the adapters' partial products across devices, and Adam divides a near-zero
+    gradient by its own size, so an element can move by a fraction of one step (lr 1e-2) more or less."""
+    results = []
+    for devices, extra in ((1, ["per_replica_batch=4"]), (8, ["per_replica_batch=2", "mesh=dp=1,fsdp=2,mp=4"])):
+        argv = TINY + [f"train_set={setup['data']}", f"model_dir={tmp_path / str(devices)}", "lr=1e-2",
+                       f"model={setup['base']}", "lora_rank=4", "lora_alpha=8", "total_steps=4", "shuffle=false", *extra]
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        proc = subprocess.run([sys.executable, "-c", _SHARDING_SCRIPT, json.dumps(argv)], capture_output=True,
+                              text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    one, eight = results
+    assert len(eight["base"]) == 2 * 6  # 2 blocks x q/k/v/out_proj, fc_in, fc_out
+    for kernel, b in eight["base"].items():
+        assert not b["replicated"], kernel  # every target kernel is split over fsdp and mp
+        a, bb = eight["adapters"][kernel + "/lora_a"], eight["adapters"][kernel + "/lora_b"]
+        assert not a["replicated"] and not bb["replicated"], kernel
+        assert a["shard"] == [b["shard"][0], 4] and bb["shard"] == [4, b["shard"][1]], (kernel, a["shard"], bb["shard"],
+                                                                                        b["shard"])
+    assert eight["adapters"]["transformer/h_0/attn/q_proj/kernel/lora_a"]["shard"] == [16, 4]  # 32 / fsdp 2
+    assert eight["adapters"]["transformer/h_0/attn/q_proj/kernel/lora_b"]["shard"] == [4, 8]  # 32 / mp 4
+    assert eight["adapters"]["transformer/h_0/mlp/fc_out/kernel/lora_a"]["shard"] == [32, 4]  # 128 / mp 4
+    assert all(v["replicated"] for v in one["adapters"].values())
+    assert abs(one["loss"] - eight["loss"]) < 1e-5, (one["loss"], eight["loss"])
+    assert sorted(one["adapters"]) == sorted(eight["adapters"])
+    for p in one["adapters"]:
+        np.testing.assert_allclose(np.array(eight["adapters"][p]["value"]), np.array(one["adapters"][p]["value"]),
+                                   atol=1e-4, rtol=0)
+    assert any(np.abs(np.array(v["value"])).max() > 0 for p, v in one["adapters"].items() if p.endswith("lora_b"))
+
+
+def test_qlora_on_a_bfloat16_base_trains(setup, tmp_path):
+    """lora_base_quantize=int8 with lora_base_dtype=bfloat16 (docs/colab-tpu.md's QLoRA): the int8 leaves of the
+    loaded base dequantize to bfloat16, and the step's base shardings must say so (they said float32: a pytree
+    metadata mismatch before the first step)."""
+    from gptj_jax.quantize import is_quantized_leaf
+
+    cfg = _cfg(tmp_path, setup["data"], setup["base"], "total_steps=2", "lora_base_quantize=int8",
+               "lora_base_dtype=bfloat16")
+    summary = train(cfg)
+    kernel = table.flatten(summary["base_params"])["transformer/h_0/mlp/fc_in/kernel"]
+    assert is_quantized_leaf(kernel) and kernel.dtype == jnp.bfloat16 and kernel.q.dtype == jnp.int8
+    losses = [r["loss"] for r in read_metrics(cfg.model_dir) if "loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses)), losses

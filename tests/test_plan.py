@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -231,8 +232,8 @@ def test_modes_table_for_gptj_6b_on_v5e_1():
 # ---------------------------------------------------------------------------------------- compiled for a TPU
 # These compile GPT-J-6B's real steps for a TPU v5e-1 with libtpu (deviceless; `pip install
 # 'gptj-jax[tpu-aot]'`, which `make install` includes). Without libtpu they fail with its error message.
-# LoRA on a bfloat16 base is checked analytically above (test_modes_table_for_gptj_6b_on_v5e_1): the LoRA
-# training step is not in this branch, so there is no compiled LoRA step to compare yet.
+# LoRA on a bfloat16 base is checked analytically above (test_modes_table_for_gptj_6b_on_v5e_1); its compiled
+# step (and int8 / QLoRA's) on a small config below; GPT-J-6B's compiled LoRA figures are in docs/benchmarks.md.
 @pytest.fixture(scope="module")
 def v5e_1_plans() -> dict:
     """``plan --compile-for v5e-1`` of GPT-J-6B at 1 x 2048, inference and training, compiled in two processes at
@@ -303,9 +304,10 @@ def test_compile_for_without_libtpu_is_one_clear_error():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--mode", "lora"], "--mode lora: no compiled LoRA (bf16 base) step in this version of gptj_jax (compiled "
-                             "modes: bf16, full); `gptj-jax plan --modes` gives its analytic figures"),
-        (["--mode", "int8", "--compile-for", "v5e-1"], "--mode int8: no compiled int8 weight-only inference step"),
+        (["--mode", "lora", "--lora-rank", "0"], "--lora-rank must be >= 1, got 0"),
+        (["--mode", "qlora", "--forward", "shard_map"], "--mode qlora: LoRA trains with --forward gspmd only"),
+        (["--mode", "lora", "--lora-rank", "65"], "lora_rank 65 is larger than a dimension of "
+                                                  "transformer/h_0/attn/q_proj/kernel [64, 64] (in, out)"),
         (["--compile-for", "v5e-8", "--mesh", "mp=4"], "--mesh 'mp=4' has 4 devices; TPU v5e-8 has 8"),
         (["--train", "--mode", "bf16"], "--train with --mode bf16: bf16 is an inference mode"),
         (["--modes", "--lora-rank", "0"], "--lora-rank must be >= 1, got 0"),
@@ -330,3 +332,88 @@ def test_cli_choices_are_the_planner_tables():
     assert cli_plan.TPU_TARGETS == plan.TPU_TARGETS == ("v2-8", "v3-8", "v4-8", "v5e-1", "v5e-4", "v5e-8", "v6e-1",
                                                         "v6e-8", "v5p-8")
     assert cli_plan.MODES == tuple(plan.MODES)
+
+
+# ---------------------------------------------------------------------------------------- int8 / LoRA / QLoRA compiled
+# The int8 inference, LoRA and QLoRA steps compiled by XLA:TPU for a v5e-1 (libtpu, deviceless) on a small config
+# (2 blocks at width 256: seconds per compile); GPT-J-6B's figures are measured once and recorded in
+# docs/benchmarks.md ("Memory: int8 weights, LoRA, QLoRA").
+SMALL = {"model_type": "gptj", "vocab_size": 1024, "n_positions": 256, "n_embd": 256, "n_layer": 2, "n_head": 4,
+         "rotary_dim": 16}
+DS, FS, LS, VS = 256, 1024, 2, 1024
+NS = VS * DS + LS * (4 * DS * DS + 2 * DS * FS + FS + DS + 2 * DS) + 2 * DS + DS * VS + VS
+MATS_S = LS * (4 * DS * DS + 2 * DS * FS)  # the block kernels int8 quantizes
+INT8_S = MATS_S + 4 * LS * (4 * DS + FS + DS) + 2 * (NS - MATS_S)  # + float32 scale per output channel; rest bf16
+ADAPTERS_S = LS * 8 * (4 * 2 * DS + 2 * (DS + FS))  # rank 8 on q/k/v/out_proj, fc_in, fc_out
+
+
+@pytest.fixture(scope="module")
+def v5e_1_small_modes(tmp_path_factory) -> dict:
+    """``plan --compile-for v5e-1 --mode int8 | lora | qlora`` of SMALL at 2 x 256 (training with remat full), three
+    processes at once."""
+    path = tmp_path_factory.mktemp("plan-modes") / "small.json"
+    path.write_text(json.dumps(SMALL))
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    argv = [sys.executable, "-m", "gptj_jax.cli", "plan", "--config", str(path), "--compile-for", "v5e-1",
+            "--batch", "2", "--seq", "256", "--json"]
+    procs = {mode: subprocess.Popen(argv + ["--mode", mode] + ([] if mode == "int8" else ["--remat", "full"]), cwd=REPO,
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for mode in ("int8", "lora", "qlora")}
+    return {mode: proc.communicate(timeout=1200) + (proc.returncode,) for mode, proc in procs.items()}
+
+
+@pytest.mark.slow
+def test_compiled_for_v5e_1_int8_inference(v5e_1_small_modes):
+    plan = _compiled(v5e_1_small_modes, "int8")
+    assert plan["target"] == "v5e-1" and plan["param_dtype"] == "bfloat16"
+    a = plan["analytic"]
+    assert a["params"] == INT8_S  # int8 kernels + their float32 scales, the rest bfloat16
+    assert a["dequantized"] == 2 * (4 * DS * DS + 2 * DS * FS)  # one block's kernels in bfloat16
+    assert a["kv_cache"] == 2 * LS * 2 * 256 * DS * 2 + 2 * 256 + 2 * 4 + 2 * 4  # k/v, mask, index, lengths
+    prefill, decode = plan["steps"]
+    assert not prefill["error"] and not decode["error"]
+    state = a["params"] + a["kv_cache"]
+    # the compiled arguments are the int8 tree and the cache (+ the token batch): the int8 weights are what the
+    # program takes, no bfloat16 copy
+    assert 0 <= prefill["argument"] - state <= 32 * 1024 and 0 <= decode["argument"] - state <= 32 * 1024
+    assert decode["alias"] >= 0.99 * a["kv_cache"]
+    assert prefill["temp"] > 0 and prefill["flops_per_device"] > 0
+    assert plan["fits"][0]["verdict"] == "fits"
+
+
+@pytest.mark.slow
+def test_compiled_for_v5e_1_lora_and_qlora(v5e_1_small_modes):
+    lora, qlora = _compiled(v5e_1_small_modes, "lora"), _compiled(v5e_1_small_modes, "qlora")
+    for plan, base in ((lora, 2 * NS), (qlora, INT8_S)):
+        a = plan["analytic"]
+        assert plan["train"] and plan["param_dtype"] == "float32"
+        assert a["params"] == 4 * ADAPTERS_S and a["grads"] == a["params"]  # float32 adapters only
+        assert 2 * a["params"] <= a["opt_state"] <= 2 * a["params"] + 64  # Adam's mu and nu of the adapters
+        assert a["base"] == base  # the frozen base: bfloat16, or int8 + scales
+        (train,) = plan["steps"]
+        assert not train["error"]
+        trained = a["params"] + a["opt_state"]
+        assert 0 <= train["argument"] - (trained + a["base"]) <= 32 * 1024  # + step, rng and the token batch
+        # the adapters' state is donated (updated in place), the frozen base is not
+        assert 0.99 * trained <= train["alias"] <= trained + 32 * 1024 < a["base"]  # (+ step and rng)
+        assert plan["fits"][0]["verdict"] == "fits"
+    assert qlora["analytic"]["dequantized"] == 2 * (4 * DS * DS + 2 * DS * FS)
+    assert lora["steps"][0]["argument"] - qlora["steps"][0]["argument"] == 2 * NS - INT8_S
+
+
+def test_bad_mode_names_are_one_clear_error(config_file, capsys):
+    from gptj_jax import cli
+    from gptj_jax.config import GPTJConfig
+    from gptj_jax.plan import make_plan
+
+    with pytest.raises(ValueError, match=r"^--mode 'int4' is not one of bf16, int8, full, lora, qlora$"):
+        make_plan(GPTJConfig(**{k: v for k, v in CONFIG.items() if k != "model_type"}), {"dp": 1, "fsdp": 1, "mp": 1},
+                  1, 8, mode="int4")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["plan", "--config", config_file, "--mode", "int4"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    # argparse's own message (the choices are quoted or not depending on the Python version)
+    assert re.search(r"argument --mode: invalid choice: 'int4' \(choose from '?bf16'?, '?int8'?, '?full'?, '?lora'?, "
+                     r"'?qlora'?\)", err), err

@@ -42,14 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compile for this TPU host's topology with libtpu (no TPU needed; pip install "
                              f"'gptj-jax[tpu-aot]'): {', '.join(TPU_TARGETS)}")
     parser.add_argument("--mode", default=None, choices=MODES,
-                        help="what to compile: bf16 (inference in --dtype) or full (= --train); int8 / lora / qlora "
-                             "are not compiled by plan yet (--modes has them analytically)")
+                        help="what to compile: bf16 (inference in --dtype), int8 (int8 weights dequantized to "
+                             "--param-dtype), full (= --train), lora (adapters on a frozen --dtype base) or qlora "
+                             "(on an int8 base)")
     parser.add_argument("--modes", action="store_true",
                         help="print the analytic hardware x mode table (bf16 / int8 inference, full fine-tuning, LoRA, "
                              "QLoRA: fits, largest batch x context, batch-1 decode tokens/s) instead of compiling")
     parser.add_argument("--hardware", default=None, metavar="KEYS",
                         help="--modes: only these hosts, comma-separated keys (e.g. v5e-1,t4; default: all)")
-    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA / QLoRA adapter rank for --modes (default 8)")
+    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA / QLoRA adapter rank (default 8)")
     parser.add_argument("--int8-embeddings", action="store_true",
                         help="--modes: int8 also quantizes the embedding and lm_head")
 
@@ -81,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     if args.mode is not None and args.train and args.mode not in plan_lib.TRAIN_MODES:
         raise ValueError(f"--train with --mode {args.mode}: {args.mode} is an inference mode")
     mode = plan_lib.check_mode(args.mode or ("full" if args.train else "bf16"))
+    if mode in ("lora", "qlora") and args.lora_rank < 1:
+        raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank}")
     train = mode in plan_lib.TRAIN_MODES
     if args.mesh is None and args.compile_for:
         n_dev = plan_lib.host_by_key(args.compile_for).devices
@@ -102,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         config, sizes, args.batch, args.seq, train=train, dtype=args.dtype, param_dtype=args.param_dtype,
         remat=args.remat or "none", grad_accum=args.grad_accum, forward=args.forward, config_name=str(args.config),
         devices=devices, target=args.compile_for or "", mode=mode, loss_block_size=args.loss_block_size,
+        lora_rank=args.lora_rank,
     )
     if args.json:
         import json

@@ -367,7 +367,8 @@ def train(cfg: TrainConfig) -> dict:
         raise
     param_dtype = DTYPES[cfg.param_dtype]
     scfg = step_lib.StepConfig(model_cfg, cfg.dtype, cfg.remat, cfg.forward, cfg.z_loss, k, cfg.loss_block_size,
-                               lora_spec, cfg.lora_base_quantize if lora_spec is not None else None)
+                               lora_spec, cfg.lora_base_quantize if lora_spec is not None else None,
+                               (cfg.lora_base_dtype or cfg.param_dtype) if lora_spec is not None else None)
     try:
         optimizer, schedule, shardings, train_step, eval_step = _steps(scfg, mesh, OptimizerConfig.from_train_config(cfg))
     except ValueError as e:

@@ -57,6 +57,7 @@ class StepConfig:
     loss_block_size: int = 0  # > 0: blockwise cross entropy over this many vocabulary columns at a time
     lora: Optional[Any] = None  # lora.LoraSpec: train adapters on a frozen base passed to the step
     lora_base_quantize: Optional[str] = None  # "int8": the base is quantize.py's int8 tree
+    lora_base_dtype: Optional[str] = None  # the float dtype an int8 base dequantizes to (None: float32)
 
     def __post_init__(self) -> None:
         if self.loss_block_size < 0:
@@ -158,8 +159,10 @@ def batch_spec_sharding(mesh: Mesh) -> NamedSharding:
 def state_shardings(cfg: StepConfig, mesh: Mesh, optimizer: optax.GradientTransformation, param_dtype: Any) -> dict:
     """NamedSharding pytree of the train state on ``mesh`` (params by the rules, optimizer state like its params)."""
     params_sh = sh.param_shardings(cfg.model, mesh, "causal_lm")
-    if cfg.lora is not None:  # the adapters (small): replicated
-        params_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), _trained_shapes(cfg))
+    if cfg.lora is not None:  # the adapters: each split like its base kernel's matching axis (lora.py)
+        from gptj_jax.lora import adapter_shardings
+
+        params_sh = adapter_shardings(cfg.model, cfg.lora, mesh)
     abstract = jax.eval_shape(
         lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, param_dtype), _trained_shapes(cfg))
     )
@@ -183,7 +186,10 @@ def base_shardings(cfg: StepConfig, mesh: Mesh) -> Any:
     if cfg.lora_base_quantize:
         from gptj_jax import quantize
 
-        shardings = quantize.shardings(quantize.abstract_params(_param_shapes(cfg.model)), shardings)
+        shapes = _param_shapes(cfg.model)
+        if cfg.lora_base_dtype:  # the int8 leaves carry the dtype they dequantize to: match the loaded base's
+            shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, DTYPES[cfg.lora_base_dtype]), shapes)
+        shardings = quantize.shardings(quantize.abstract_params(shapes), shardings)
     return shardings
 
 
