@@ -204,9 +204,22 @@ def check_cache(config: GPTJConfig, cache: Cache) -> None:
 def write_kv(buf: Array, new: Array, index: Array) -> Array:
     """Row ``b`` of ``new [B, N, T, H]`` into ``buf [B, N, S, H]`` at slots ``index[b] .. index[b] + T - 1``.
 
-    ``index [B]`` int32. One scatter (a per-row ``dynamic_update_slice``); in place when ``buf`` is donated.
+    ``index [B]`` int32. In place when ``buf`` is donated. Up to :data:`UNROLLED_WRITE_ROWS` rows: one
+    ``dynamic_update_slice`` per row (static row, traced slot); more rows: one scatter (the per-row update
+    vmapped), which XLA:TPU expands into a while loop over the rows and, measured on a v5e at batch 4, then
+    moves each layer's cache out to alternate memory and back (``docs/benchmarks.md``, decode step bytes).
     """
-    return jax.vmap(lambda b, n, i: lax.dynamic_update_slice(b, n.astype(b.dtype), (0, i, 0)))(buf, new, index)
+    new = new.astype(buf.dtype)
+    if buf.shape[0] > UNROLLED_WRITE_ROWS:
+        return jax.vmap(lambda b, n, i: lax.dynamic_update_slice(b, n, (0, i, 0)))(buf, new, index)
+    zero = jnp.zeros((), index.dtype)
+    for b in range(buf.shape[0]):
+        buf = lax.dynamic_update_slice(buf, new[b : b + 1], (b, zero, index[b], zero))
+    return buf
+
+
+# Rows up to which write_kv writes each row with its own dynamic_update_slice instead of one scatter.
+UNROLLED_WRITE_ROWS = 16
 
 
 def write_mask(mask: Array, new: Array, index: Array) -> Array:

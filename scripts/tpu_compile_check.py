@@ -114,14 +114,15 @@ def train(layers: int, batches: list[int], impls: list[str], remats: list[str]) 
 
 
 def _cache_buffers(hlo: str, shape: str) -> dict[str, int]:
-    """Counts, in optimized HLO text, of copies / dynamic-update-slices / scatters producing ``shape``."""
+    """Counts, in optimized HLO text, of copies / dynamic-update-slices / scatters producing ``shape`` (and the
+    ``copy-done``s of memory-space assignment's asynchronous copies of such a buffer, e.g. a write-back)."""
     out = {}
-    for op in ("copy", "dynamic-update-slice", "scatter", "fusion"):
+    for op in ("copy", "dynamic-update-slice", "scatter", "fusion", "copy-done"):
         out[op] = len(re.findall(rf"= {re.escape(shape)}\{{[^}}]*\}} {op}\(", hlo))
     return out
 
 
-def decode(batches: list[int], layouts: list[str], layers: int = 28) -> list[dict[str, Any]]:
+def decode(batches: list[int], layouts: list[str], layers: int = 28, hlo_dir: str = "/tmp") -> list[dict[str, Any]]:
     from gptj_jax import model as M
     from gptj_jax import sharding as sh
     from gptj_jax.cache import cache_bytes, init_cache
@@ -159,7 +160,7 @@ def decode(batches: list[int], layouts: list[str], layers: int = 28) -> list[dic
                              temp=mem.temp_size_in_bytes / GiB, alias=mem.alias_size_in_bytes / GiB,
                              seconds=time.perf_counter() - t0))
             print(rows[-1], flush=True)
-            with open(f"/tmp/decode_hlo_scan{int(scan)}_b{batch}.txt", "w") as f:
+            with open(f"{hlo_dir}/decode_hlo_scan{int(scan)}_b{batch}.txt", "w") as f:
                 f.write(hlo)
     return rows
 
@@ -173,6 +174,7 @@ def main() -> None:
     ap.add_argument("--impls", default="xla,splash,pallas_flash")
     ap.add_argument("--remats", default="none,dots,full")
     ap.add_argument("--layouts", default="unrolled,scan_layers", help="decode section: unrolled and / or scan_layers")
+    ap.add_argument("--hlo-dir", default="/tmp", help="decode section: where the optimized HLO texts are written")
     args = ap.parse_args()
     sections = args.sections.split(",")
     batches = [int(b) for b in args.batches.split(",")]
@@ -192,16 +194,16 @@ def main() -> None:
         for r in rows:
             print(f"| {r['batch']} | {r['impl']} | {r['remat']} | {r['temp']:.2f} | {r['args']:.2f} | {r['seconds']:.0f} |")
     if "decode" in sections:
-        rows = decode(batches, args.layouts.split(","))
+        rows = decode(batches, args.layouts.split(","), hlo_dir=args.hlo_dir)
         print("\nDecode step, GPT-J-6B (28 layers), bf16 weights, 2048-slot bf16 cache, v5e:1x1")
         print("| layout | batch | weights (GiB) | cache (GiB) | floor (GiB) | bytes accessed (GiB) | ratio | "
-              "cache-sized copies / DUS / scatters | temporaries (GiB) |")
+              "cache-sized copies / DUS / scatters / copy-done | temporaries (GiB) |")
         print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
         for r in rows:
             c = r["counts"]
             print(f"| {'scan_layers' if r['scan'] else 'unrolled'} | {r['batch']} | {r['weights']:.2f} | {r['cache']:.2f} "
                   f"| {r['floor']:.2f} | {r['accessed']:.2f} | {r['ratio']:.2f} | {c['copy']} / {c['dynamic-update-slice']} / "
-                  f"{c['scatter']} | {r['temp']:.2f} |")
+                  f"{c['scatter']} / {c['copy-done']} | {r['temp']:.2f} |")
 
 
 if __name__ == "__main__":

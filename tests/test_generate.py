@@ -256,6 +256,26 @@ def test_cache_layout_equals_full_forward(tiny):
         model.apply({"params": params}, jnp.asarray(ids), cache=old)
 
 
+@pytest.mark.parametrize("rows", [1, 4, 17])  # up to UNROLLED_WRITE_ROWS (16): one update per row; above: a scatter
+def test_write_kv_writes_each_row_at_its_slot(rows):
+    """``cache.write_kv``: row b of ``new`` at slots index[b] .., clamped into the buffer like
+    ``dynamic_update_slice`` (an index past S - T writes the last T slots), in the buffer's dtype."""
+    from gptj_jax.cache import UNROLLED_WRITE_ROWS, write_kv
+
+    assert UNROLLED_WRITE_ROWS == 16
+    rng = np.random.RandomState(rows)
+    buf = rng.randn(rows, 2, 8, 4).astype(np.float32)
+    for T in (1, 3):
+        new = rng.randn(rows, 2, T, 4)
+        index = rng.randint(0, 9, rows).astype(np.int32)  # 8 - T < index: clamped
+        want = buf.astype(jnp.bfloat16).copy()
+        for b in range(rows):
+            i = min(int(index[b]), 8 - T)
+            want[b, :, i : i + T] = new[b].astype(jnp.bfloat16)
+        got = jax.jit(write_kv)(jnp.asarray(buf, jnp.bfloat16), jnp.asarray(new, jnp.float32), jnp.asarray(index))
+        assert got.dtype == jnp.bfloat16 and np.array_equal(np.asarray(got), want), (rows, T)
+
+
 # ============================================================================ compile counting
 def test_second_call_in_same_bucket_does_not_retrace(tiny):
     _, params = tiny

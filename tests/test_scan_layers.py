@@ -141,9 +141,10 @@ def test_hf_mtj_ours_round_trip_bit_exact_through_stacked_layout(tmp_path):
                 assert all(same_bits(a[k], b[k]) for k in a.files), rel
 
 
-def test_scan_layers_training_run_loads_and_converts(tmp_path):
+def test_scan_layers_training_run_loads_converts_and_evaluates(tmp_path, capsys):
     """A `scan_layers: true` training run saves its params stacked (``transformer/h/...`` [n_layer, ...]):
-    gptj_jax.load reads them per layer and stacked, and `gptj-jax convert` writes an HF model from them."""
+    gptj_jax.load reads them per layer and stacked, `gptj-jax convert` writes an HF model from them, and
+    `gptj-jax eval --scan-layers --attention xla` evaluates it scanned."""
     import torch
     import transformers
 
@@ -184,6 +185,22 @@ def test_scan_layers_training_run_loads_and_converts(tmp_path):
     with torch.no_grad():
         hf_logits = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     assert float(np.abs(hf_logits - ref)[mask.astype(bool)].max()) <= 1e-4
+
+    # eval: the mean next-token cross entropy of the trained params over all 16 records, scanned or not
+    logits = M.GPTJForCausalLM(config.replace(scan_layers=True)).apply({"params": trained}, rows[:, :16]).logits
+    logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
+    want = -float(np.take_along_axis(np.asarray(logp), rows[:, 1:, None], axis=-1).mean())
+    capsys.readouterr()
+    printed = []
+    for extra in ([], ["--scan-layers", "--attention", "xla"]):
+        assert main(["eval", "--model", run, "--data", str(tmp_path / "data"), "--batch-size", "4", *extra]) == 0
+        printed.append(capsys.readouterr().out)
+        assert "(256 tokens)" in printed[-1]
+        assert abs(float(printed[-1].split("loss ")[1].split()[0]) - want) <= 1e-4, (printed[-1], want)
+    assert printed[0] == printed[1]
+    assert main(["eval", "--model", run, "--data", str(tmp_path / "data"), "--scan-layers", "--attention", "splash"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "attention='splash' needs a tpu backend but jax's backend is 'cpu'" in err[0], err
 
 
 # ============================================================================ the 8-device worker

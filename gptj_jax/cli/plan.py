@@ -2,6 +2,7 @@
 
     gptj-jax plan --config gptj-6b --mesh dp=1,fsdp=1,mp=8 --batch 1 --seq 2048 [--train] [--json]
     gptj-jax plan --config gptj-6b --compile-for v5e-1 [--train]   # XLA:TPU via libtpu, no TPU needed
+    gptj-jax plan --config gptj-6b --compile-for v5e-1 --train --attention splash --scan-layers
     gptj-jax plan --config gptj-6b --modes [--lora-rank 8]          # hardware x mode table, analytic, no compile
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from gptj_jax.cli.command import Command
+from gptj_jax.cli.command import Command, add_model_flags, model_flags
 from gptj_jax.dtypes import DTYPE_NAMES
 
 HELP = "per-device memory and FLOPs of a step on a mesh (AOT on simulated devices or a TPU topology)"
@@ -53,15 +54,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-rank", type=int, default=8, help="LoRA / QLoRA adapter rank (default 8)")
     parser.add_argument("--int8-embeddings", action="store_true",
                         help="--modes: int8 also quantizes the embedding and lm_head")
+    add_model_flags(parser, quantize=False)  # --attention, --scan-layers: the compiled steps' (not --modes')
 
 
 def run(args: argparse.Namespace) -> int:
     """Check the inputs, simulate the mesh's devices on CPU, compile, print the tables. Returns 0."""
     from gptj_jax import plan as plan_lib
     from gptj_jax.config import GPTJConfig
+    from gptj_jax.model import attention_backend, resolve_attention
     from gptj_jax.sharding import parse_mesh
 
-    config = GPTJConfig.load(args.config)
+    flags = model_flags(args)
+    config = GPTJConfig.load(args.config).replace(attention=flags["attention"], scan_layers=flags["scan_layers"])
     if args.modes:
         if args.lora_rank < 1:
             raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank}")
@@ -101,12 +105,18 @@ def run(args: argparse.Namespace) -> int:
         devices = plan_lib.tpu_devices(args.compile_for)
     else:
         devices = plan_lib.simulated_devices(n)
-    plan = plan_lib.make_plan(
-        config, sizes, args.batch, args.seq, train=train, dtype=args.dtype, param_dtype=args.param_dtype,
-        remat=args.remat or "none", grad_accum=args.grad_accum, forward=args.forward, config_name=str(args.config),
-        devices=devices, target=args.compile_for or "", mode=mode, loss_block_size=args.loss_block_size,
-        lora_rank=args.lora_rank,
-    )
+    platform = devices[0].platform  # the attention choice (auto, or a kernel) is made for the devices compiled for
+    forward = resolve_attention(config, args.seq, args.dtype, dropout=train and config.attn_pdrop > 0, backend=platform)
+    with attention_backend(platform):
+        plan = plan_lib.make_plan(
+            config, sizes, args.batch, args.seq, train=train, dtype=args.dtype, param_dtype=args.param_dtype,
+            remat=args.remat or "none", grad_accum=args.grad_accum, forward=args.forward, config_name=str(args.config),
+            devices=devices, target=args.compile_for or "", mode=mode, loss_block_size=args.loss_block_size,
+            lora_rank=args.lora_rank,
+        )
+    plan.notes.append(f"attention {config.attention}: {forward} for the {args.seq}-token "
+                      f"{'training step' if train else 'prefill'}{'' if train else ', xla for single-token decode'}"
+                      f"{'; blocks under nn.scan (scan_layers)' if config.scan_layers else ''}")
     if args.json:
         import json
 

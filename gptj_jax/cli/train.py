@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from gptj_jax.cli.command import Command
+from gptj_jax.cli.command import Command, add_model_flags, model_flags
 from gptj_jax.distributed import add_distributed_args
 from gptj_jax.dtypes import DTYPE_NAMES
 
@@ -85,6 +85,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches per data dir")
     p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="compute dtype")
     p.add_argument("--mesh", default=None, help="mesh, e.g. 'dp=-1,mp=8' (default: all devices data-parallel)")
+    add_model_flags(p, quantize=False)
     add_distributed_args(p)
 
 
@@ -95,8 +96,10 @@ def run_eval(args: argparse.Namespace) -> int:
     maybe_initialize(args)
     from gptj_jax.train.evaluate import evaluate_checkpoint
 
+    flags = model_flags(args)
     results = evaluate_checkpoint(args.model, args.data, args.batch_size, args.max_batches, args.dtype, args.mesh,
-                                  args.config, revision=args.revision)
+                                  args.config, revision=args.revision, attention=flags["attention"],
+                                  scan_layers=flags["scan_layers"])
     for r in results:
         print(f"{r['data']}: loss {r['loss']:.4f}  perplexity {r['ppl']:.3f}  bits per byte {r['bits_per_byte']:.4f}  "
               f"({r['tokens']} tokens)")

@@ -558,7 +558,7 @@ class _Placer:
 
 
 def _restore_orbax(
-    source: Source, config: GPTJConfig, head: Optional[str], shardings: Callable[[str], dict[str, Any]],
+    source: Source, config: GPTJConfig, head: Optional[str], shardings: Callable[..., dict[str, Any]],
     dtype: Optional[np.dtype], placer: _Placer, post: Optional[Callable[[dict, list], None]] = None,
 ) -> tuple[str, dict[str, jax.Array]]:
     """Our orbax checkpoint restored by orbax into the target shardings, about the largest stored leaf at a time.
@@ -609,7 +609,8 @@ def _restore_orbax(
             raise CheckpointError(
                 f"{reader.params_dir}: cannot restore {prefix + group[0]!r}... ({type(e).__name__}: {e})"
             ) from None
-        flat = {s: table.flatten(restored)[prefix + s] for s in group}
+        restored = table.flatten(restored)
+        flat = {s: restored[prefix + s] for s in group}
         for s, array in flat.items():
             placer.created.append(array)
             placer.largest = max(placer.largest, reader.nbytes(prefix + s))

@@ -35,19 +35,24 @@ def evaluate(
 
 def evaluate_checkpoint(model: str, data_dirs: Sequence[str], batch_size: int = 8, max_batches: Optional[int] = None,
                         dtype: str = "float32", mesh_text: Optional[str] = None,
-                        config_path: Optional[str] = None, *, revision: Optional[str] = None) -> list[dict]:
+                        config_path: Optional[str] = None, *, revision: Optional[str] = None,
+                        attention: str = "auto", scan_layers: bool = False) -> list[dict]:
     """Loss (nats/token), perplexity and bits per byte of ``model`` on each prepared dir in ``data_dirs``.
 
     ``model``: anything :func:`gptj_jax.load` reads (a hub id, an HF or HF Flax directory, a gptj-jax
     checkpoint or training run dir (its newest step), or an mtj checkpoint with ``config_path``, its
     training JSON or an HF config.json; ``revision`` of a hub id), placed straight onto the mesh in float32. ``mesh_text`` as for
     :func:`gptj_jax.sharding.parse_mesh`; ``dp`` takes the devices left over unless it is named (default:
-    all devices data-parallel). Returns one ``{"data", "loss", "ppl", "bits_per_byte", "tokens"}`` per dir.
+    all devices data-parallel). ``attention`` / ``scan_layers``: how the model runs (:class:`GPTJConfig`'s
+    fields; scanned, the params are loaded stacked). Returns one ``{"data", "loss", "ppl", "bits_per_byte",
+    "tokens"}`` per dir.
     """
-    from gptj_jax.convert.load import load
+    from gptj_jax.convert.load import load, resolve, source_config
 
     mesh = sh.make_mesh(**sh.parse_mesh(mesh_text or "", rest="dp"))
-    config, params = load(model, mesh=mesh, dtype=jnp.float32, revision=revision, head="causal_lm", config=config_path)
+    source = resolve(model, revision)
+    config = source_config(source, config_path).replace(attention=attention, scan_layers=scan_layers)
+    config, params = load(source, mesh=mesh, dtype=jnp.float32, head="causal_lm", config=config)
     scfg = step_lib.StepConfig(config, dtype)
     eval_step = step_lib.make_eval_step(scfg, mesh, sh.param_shardings(config, mesh, "causal_lm"))
     sharding = sh.logical_sharding(mesh, ("batch", "length"))
