@@ -128,8 +128,9 @@ class TrainConfig:
                          "`z * log(sum(exp(logits - max)))^2` per token")
     loss_block_size: int = _key(0, "> 0: cross entropy in blocks of this many vocabulary columns (e.g. 8192; the "
                                 "backward recomputes each block's logits), so the `[batch, seq, n_vocab]` logits are "
-                                "never held; same loss and gradients; 0: full logits (measured faster on CPU and, with "
-                                "the einsum attention, smaller on TPU v5e; see docs/benchmarks.md)")
+                                "never held; same loss and gradients; 0: full logits (faster on CPU; on TPU v5e the same "
+                                "memory at 2 rows, 2.45 GiB less at 8 rows of a 4-layer GPT-J-6B-width step with "
+                                "8192: see docs/benchmarks.md)")
     seed: int = _key(0, "seed of the random init, the data order and dropout")
     shuffle: bool = _key(True, "shuffle training records (per epoch, from `seed`)")
     data_workers: int = _key(0, "grain worker processes reading records (0: in the main process)")
