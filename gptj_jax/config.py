@@ -16,7 +16,7 @@ PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_class
 # How attention is computed (``GPTJConfig.attention``; see ``model.resolve_attention``).
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas_flash", "splash")
 # Fields that choose how the model runs, not what it computes: not written to config.json.
-RUNTIME_FIELDS = ("attention", "scan_layers")
+RUNTIME_FIELDS = ("attention", "scan_layers", "attention_query_block")
 
 # Fields that fix the shapes of the weights: a config.json without them is an error rather than
 # silently taking the 6B defaults (which would then fail later with a confusing shape mismatch).
@@ -108,6 +108,9 @@ class GPTJConfig:
     # with params stacked on a leading "layers" axis (transformer/h/...), compiled once instead of n_layer times.
     attention: str = "auto"
     scan_layers: bool = False
+    # > 0: the einsum attention ("xla") runs over blocks of this many query rows, each recomputed in the
+    # backward (model.attend_query_blocks): same numbers, one block's float32 scores live at a time.
+    attention_query_block: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.eos_token_id, list):
@@ -204,6 +207,8 @@ class GPTJConfig:
             raise ConfigError(f"attention {self.attention!r} is not one of {list(ATTENTION_IMPLS)}")
         if not isinstance(self.scan_layers, bool):
             raise ConfigError(f"scan_layers must be true or false, got {self.scan_layers!r}")
+        if not isinstance(self.attention_query_block, int) or self.attention_query_block < 0:
+            raise ConfigError(f"attention_query_block must be an integer >= 0, got {self.attention_query_block!r}")
         if self.id2label is not None and len(self.id2label) != self.num_labels:
             raise ConfigError(f"id2label has {len(self.id2label)} entries but num_labels is {self.num_labels}")
 

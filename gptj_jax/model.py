@@ -160,6 +160,7 @@ def attend(
     allowed: Array,
     *,
     dropout: Optional[Callable[[Array], Array]] = None,
+    query_block: int = 0,
 ) -> tuple[Array, Array]:
     """Scaled dot-product attention, softmax in float32. Returns ``(out [B, T, N, H] in v's dtype,
     probs [B, N, T, S] float32)``.
@@ -167,7 +168,14 @@ def attend(
     q ``[B, T, N, H]``; k, v ``[B, N, S, H]`` (heads first, the cache layout of ``cache.py``); allowed
     ``[B, T, S]`` bool (False scores get :data:`MASK_VALUE`). ``dropout`` is applied to the probabilities
     that weight v (the returned probs are before it). ``N`` may be a device's share of the heads (``tp.py``).
+    ``query_block`` (> 0 and < T): :func:`attend_query_blocks` (same numbers, one block of query rows'
+    scores live at a time in the forward and the backward); no ``dropout`` then.
     """
+    if 0 < query_block < q.shape[1]:
+        if dropout is not None:
+            raise ValueError("attention in query blocks (attention_query_block > 0) has no attention dropout: "
+                             "set attn_pdrop to 0 or attention_query_block to 0")
+        return attend_query_blocks(q, k, v, allowed, query_block)
     H = q.shape[-1]
     # k first: its minor axis (H) is the contracted one, so it feeds the dot as stored.
     scores = jnp.einsum("BNSH,BTNH->BNTS", k, q, preferred_element_type=jnp.float32)
@@ -176,6 +184,31 @@ def attend(
     probs = jax.nn.softmax(scores, axis=-1)  # [B, N, T, S] float32
     weights = probs if dropout is None else dropout(probs)
     return jnp.einsum("BNTS,BNSH->BTNH", weights.astype(v.dtype), v), probs
+
+
+def attend_query_blocks(q: Array, k: Array, v: Array, allowed: Array, block: int) -> tuple[Array, Array]:
+    """:func:`attend` (no dropout) over blocks of ``block`` query rows: the same ``(out [B, T, N, H],
+    probs [B, N, T, S])``, exactly (each query row's softmax runs over all its keys either way).
+
+    The full blocks run in a ``lax.scan`` whose body is a ``jax.checkpoint``: the backward recomputes one
+    block's float32 ``[B, N, block, S]`` scores and probabilities at a time instead of keeping all ``T`` rows'
+    (2 x 512 MiB per layer at batch 2, 16 heads, T = S = 2048); the last ``T % block`` rows run as one more
+    block. ``probs`` is only computed when the caller uses it.
+    """
+    B, T, N, H = q.shape
+    S = k.shape[2]
+    n, tail = divmod(T, block)
+    one = jax.checkpoint(lambda qb, ab: attend(qb, k, v, ab))  # [B, t, N, H], [B, t, S] -> out, probs
+    qs = jnp.moveaxis(q[:, : n * block].reshape(B, n, block, N, H), 1, 0)  # [n, B, block, N, H]
+    masks = jnp.moveaxis(allowed[:, : n * block].reshape(B, n, block, S), 1, 0)  # [n, B, block, S]
+    _, (out, probs) = lax.scan(lambda c, xs: (c, one(*xs)), None, (qs, masks))
+    out = jnp.moveaxis(out, 0, 1).reshape(B, n * block, N, H)
+    probs = jnp.moveaxis(probs, 0, 2).reshape(B, N, n * block, S)  # [n, B, N, block, S] -> [B, N, T', S]
+    if tail:
+        out_t, probs_t = one(q[:, n * block :], allowed[:, n * block :])
+        out = jnp.concatenate([out, out_t], axis=1)
+        probs = jnp.concatenate([probs, probs_t], axis=2)
+    return out, probs
 
 
 # ---------------------------------------------------------------------------------------- fused attention
@@ -397,7 +430,9 @@ class GPTJAttention(nn.Module):
         impl = self.attention_impl
         if impl == "xla":
             dropout = functools.partial(nn.Dropout(cfg.attn_pdrop), deterministic=deterministic)
-            out, probs = attend(q, k, v, allowed, dropout=dropout)
+            if cfg.attention_query_block and (deterministic or cfg.attn_pdrop == 0):
+                dropout = None  # the identity (the module above still claims its name: same dropout streams)
+            out, probs = attend(q, k, v, allowed, dropout=dropout, query_block=cfg.attention_query_block)
         else:
             if segments is None:
                 raise ValueError(f"attention {impl!r} needs the segment ids ([B, T] 1 real / 0 pad)")

@@ -233,7 +233,9 @@ def activation_estimate(config: Any, mesh: dict[str, int], batch: int, seq: int,
     ``2 x N/mp x T x T x 4``. Training without remat keeps every block's; with remat one block's plus
     each block's input. Inference holds one block's at a time. Training's float32 logits, their
     exponentials and their gradient are ``3 x T x V/mp x 4`` per row, or one ``loss_block_size``-column
-    block of each with the blockwise loss.
+    block of each with the blockwise loss, which also holds a copy of the ``lm_head`` kernel in the compute
+    dtype (``V/mp x D x itemsize``: XLA:TPU casts the float32 kernel for the matmul once, outside the block
+    loop). The parts are summed although the loss's buffers and one block's are not live at the same time.
     """
     rows = max(batch // (mesh["dp"] * mesh["fsdp"]), 1)
     mp = mesh["mp"]
@@ -241,6 +243,8 @@ def activation_estimate(config: Any, mesh: dict[str, int], batch: int, seq: int,
     per_block = rows * seq * ((10 * d + 2 * f // mp) * itemsize + 2 * (n // mp) * seq * 4)
     cols = min(loss_block_size, config.vocab_size // mp) if train and loss_block_size else config.vocab_size // mp
     logits = rows * seq * cols * 4 * (3 if train else 1)
+    if train and loss_block_size:
+        logits += config.vocab_size // mp * d * itemsize
     if not train:
         return per_block + rows * (config.vocab_size // mp) * 4
     if remat == "none":
@@ -856,9 +860,12 @@ def default_loss_block_size() -> int:
 
 
 def mode_memory(config: Any, mode: str, batch: int, seq: int, *, devices: int = 1, lora_rank: int = 8,
-                remat: str = "full", int8_embeddings: bool = False) -> dict[str, int]:
+                remat: str = "full", int8_embeddings: bool = False,
+                loss_block_size: Optional[int] = None) -> dict[str, int]:
     """Per-device bytes of ``mode`` (a :data:`MODES` key) at ``batch`` rows x ``seq`` tokens on ``devices``
-    devices, by part (the rules above :data:`MODES`). Training needs ``batch`` divisible by ``devices``."""
+    devices, by part (the rules above :data:`MODES`). Training needs ``batch`` divisible by ``devices``.
+    ``loss_block_size``: full fine-tuning's loss (0: full logits; > 0: the blockwise loss in blocks of that
+    many vocabulary columns; None: the train config's default)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     L, D = config.n_layer, config.n_embd
@@ -877,8 +884,10 @@ def mode_memory(config: Any, mode: str, batch: int, seq: int, *, devices: int = 
     n = config.num_params("causal_lm")
     # full fine-tuning takes the train config's loss (default: full logits); LoRA's step always computes the full
     # logits (train/step.py)
+    if loss_block_size is None:
+        loss_block_size = default_loss_block_size()
     activations = activation_estimate(config, {"dp": 1, "fsdp": devices, "mp": 1}, batch, seq, True, 2, remat,
-                                      default_loss_block_size() if mode == "full" else 0)
+                                      loss_block_size if mode == "full" else 0)
     if mode == "full":
         return {"weights": 4 * n // devices, "grads": 4 * n // devices, "opt_state": 8 * n // devices,
                 "activations": activations}
@@ -892,7 +901,8 @@ def mode_memory(config: Any, mode: str, batch: int, seq: int, *, devices: int = 
 
 
 def largest_fit(config: Any, mode: str, host: Host, *, lora_rank: int = 8, remat: str = "full",
-                int8_embeddings: bool = False, seq: Optional[int] = None) -> Optional[tuple[int, int]]:
+                int8_embeddings: bool = False, seq: Optional[int] = None,
+                loss_block_size: Optional[int] = None) -> Optional[tuple[int, int]]:
     """The largest ``(batch, seq)`` of ``mode`` that fits ``host`` (below ``HEADROOM`` of each device's memory):
     the most rows at ``seq`` (default the model's ``n_positions``), else the longest context (a multiple of
     128) at the fewest rows; None if not even 128 tokens fit. Training rows come in multiples of the devices."""
@@ -902,7 +912,7 @@ def largest_fit(config: Any, mode: str, host: Host, *, lora_rank: int = 8, remat
 
     def fits(rows: int, t: int) -> bool:
         return sum(mode_memory(config, mode, rows * unit, t, devices=host.devices, lora_rank=lora_rank, remat=remat,
-                               int8_embeddings=int8_embeddings).values()) <= budget
+                               int8_embeddings=int8_embeddings, loss_block_size=loss_block_size).values()) <= budget
 
     if fits(1, seq):
         lo, hi = 1, MAX_BATCH  # fits(lo); search the largest
@@ -929,23 +939,30 @@ def decode_tokens_per_second(config: Any, mode: str, host: Host, int8_embeddings
 
 
 def modes_table(config: Any, *, hosts: tuple[Host, ...] = HOSTS, lora_rank: int = 8, remat: str = "full",
-                int8_embeddings: bool = False, seq: Optional[int] = None) -> dict[str, Any]:
-    """Every host x mode: fits or not, the largest batch x context, predicted batch-1 decode tokens/s; plus the
-    per-mode memory at 1 row x ``seq`` on one device. Plain JSON-able data (``plan --modes --json``)."""
+                int8_embeddings: bool = False, seq: Optional[int] = None,
+                loss_block_size: Optional[int] = None) -> dict[str, Any]:
+    """Every host x mode: fits or not, the largest batch x context (and, training, rows per device), predicted
+    batch-1 decode tokens/s; plus the per-mode memory at 1 row x ``seq`` on one device. ``loss_block_size``:
+    full fine-tuning's loss (see :func:`mode_memory`). Plain JSON-able data (``plan --modes --json``)."""
     seq = seq or config.n_positions
+    if loss_block_size is None:
+        loss_block_size = default_loss_block_size()
+    if loss_block_size < 0:
+        raise ValueError(f"loss_block_size must be >= 0 (0: full logits), got {loss_block_size}")
     rows = []
     for host in hosts:
         cells = {}
         for mode in MODES:
             fit = largest_fit(config, mode, host, lora_rank=lora_rank, remat=remat, int8_embeddings=int8_embeddings,
-                              seq=seq)
+                              seq=seq, loss_block_size=loss_block_size)
             unit = host.devices if mode in TRAIN_MODES else 1
             need = sum(mode_memory(config, mode, unit, seq, devices=host.devices, lora_rank=lora_rank, remat=remat,
-                                   int8_embeddings=int8_embeddings).values())
+                                   int8_embeddings=int8_embeddings, loss_block_size=loss_block_size).values())
             cells[mode] = {
                 "fits": fit is not None and fit[1] == seq,
                 "batch": fit[0] if fit else 0,
                 "seq": fit[1] if fit else 0,
+                "batch_per_device": (fit[0] if fit else 0) // unit if mode in TRAIN_MODES else None,
                 "need_min_batch": need,  # per device at the fewest rows x seq
                 "decode_tokens_per_s": decode_tokens_per_second(config, mode, host, int8_embeddings),
             }
@@ -953,8 +970,9 @@ def modes_table(config: Any, *, hosts: tuple[Host, ...] = HOSTS, lora_rank: int 
                      "memory": host.chip.memory, "bf16_flops": host.chip.bf16_flops,
                      "int8_flops": host.chip.int8_flops, "bandwidth": host.chip.bandwidth, "modes": cells})
     memory = {mode: mode_memory(config, mode, 1, seq, lora_rank=lora_rank, remat=remat,
-                                int8_embeddings=int8_embeddings) for mode in MODES}
+                                int8_embeddings=int8_embeddings, loss_block_size=loss_block_size) for mode in MODES}
     return {"seq": seq, "lora_rank": lora_rank, "remat": remat, "int8_embeddings": int8_embeddings,
+            "loss_block_size": loss_block_size,
             "headroom": HEADROOM, "params": config.num_params("causal_lm"), "lora_params": lora_params(config, lora_rank),
             "memory_one_device": memory, "hosts": rows}
 
@@ -1018,5 +1036,16 @@ def format_modes(table: dict[str, Any], config_name: str = "") -> str:
         "read and communication add to it). T4 has no bfloat16: use float16, same bytes. Training needs are "
         "state + an activation estimate, a lower bound: XLA may keep more live (GPT-J-6B full fine-tuning on a "
         "v5e-8: 13.65 GiB analytic, 27.14 GiB compiled); `--compile-for` a TPU gives XLA:TPU's figure.",
+    ]
+    block = table.get("loss_block_size", 0)
+    loss = (f"the blockwise loss in {block}-column vocabulary blocks (one block's float32 logits, exponentials and "
+            "gradient per row, plus a compute-dtype copy of the lm_head kernel)" if block else
+            "the full float32 [rows, seq, vocab] logits, their exponentials and their gradient")
+    per_device = [f"{r['hardware']} {r['modes']['full']['batch_per_device']}" for r in table["hosts"]
+                  if r["modes"]["full"]["fits"]]
+    lines += [
+        "",
+        f"Full fine-tuning's loss: {loss} (`--loss-block-size`). Full fine-tuning rows per device at context {seq}: "
+        + (", ".join(per_device) if per_device else "none fits") + ".",
     ]
     return "\n".join(lines)

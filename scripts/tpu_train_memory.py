@@ -9,8 +9,9 @@ XLA:TPU's own figures. The model is GPT-J-6B's width (n_embd 4096, 16 heads of 2
 with 4 layers, seq 2048, bfloat16 compute and float32 params and Adam state (``gptj_jax.train.step``, one
 micro-batch, the mtj optimizer chain) on one chip. Prints a markdown table of temporaries (GiB) by batch x remat
 policy (``model.REMAT_POLICIES``) x loss (``full``: the ``[B, S, V]`` float32 logits; ``blockwise``:
-``losses.blockwise_cross_entropy`` with ``--block-size`` columns per block). Results go to ``--json`` as they come
-(a rerun skips the cells already there).
+``losses.blockwise_cross_entropy`` with ``--block-size`` columns per block) x ``--query-block`` (the einsum
+attention's ``attention_query_block``; 0: all query rows at once). Results go to ``--json`` as they come (a rerun
+skips the cells already there).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ WIDTH_6B = dict(vocab_size=50400, n_positions=2048, n_embd=4096, n_head=16, rota
 
 
 def compile_step(topology: str, n_layer: int, batch: int, seq: int, remat: str, block_size: int,
-                 program: str = "step") -> dict:
+                 program: str = "step", query_block: int = 0) -> dict:
     """Compile one train step (``program="step"``; ``"grad"``: the loss's value and gradient only) for
-    ``topology`` (one chip) and return XLA:TPU's memory analysis (bytes)."""
+    ``topology`` (one chip) and return XLA:TPU's memory analysis (bytes). ``query_block``: the model's
+    ``attention_query_block``."""
     import jax
     import jax.numpy as jnp
     from jax.experimental import topologies
@@ -44,7 +46,7 @@ def compile_step(topology: str, n_layer: int, batch: int, seq: int, remat: str, 
     topo = topologies.get_topology_desc(platform="tpu", topology_name=topology, chips_per_host_bounds=(1, 1, 1))
     devices = topo.devices[:1]
     mesh = Mesh([[[devices[0]]]], ("dp", "fsdp", "mp"))
-    config = GPTJConfig(**WIDTH_6B, n_layer=n_layer)
+    config = GPTJConfig(**WIDTH_6B, n_layer=n_layer, attention="xla", attention_query_block=query_block)
     scfg = step_lib.StepConfig(config, "bfloat16", remat=remat, loss_block_size=block_size)
     sched = mtj_schedule(0, 1000, 1e-4, 1e-5)
     opt = mtj_optimizer(lr_schedule=sched, weight_decay=0.1)
@@ -87,7 +89,10 @@ def main() -> int:
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 2, 4, 8])
     parser.add_argument("--remat", nargs="*", default=list(REMAT_POLICIES))
     parser.add_argument("--loss", nargs="*", default=["full", "blockwise"], choices=["full", "blockwise"])
-    parser.add_argument("--block-size", type=int, default=default_block)
+    parser.add_argument("--block-size", type=int, default=default_block or 8192,
+                        help="vocabulary columns per block of the blockwise loss")
+    parser.add_argument("--query-block", type=int, nargs="*", default=[0],
+                        help="the einsum attention's query rows per block (attention_query_block; 0: all rows)")
     parser.add_argument("--program", default="step", choices=["step", "grad"],
                         help="step: the whole train step (gradients and Adam's temporaries included); grad: the "
                         "loss's value_and_grad alone")
@@ -103,43 +108,50 @@ def main() -> int:
     if args.json and os.path.exists(args.json):
         with open(args.json, encoding="utf-8") as f:
             results = json.load(f)
-    for loss in args.loss:
-        for remat in args.remat:
-            for batch in args.batch:
-                block = args.block_size if loss == "blockwise" else 0
-                key = f"{args.program}|{args.topology}|{args.layers}|{args.seq}|{batch}|{remat}|{loss}|{block}"
-                if key not in results:
-                    t0 = time.time()
-                    results[key] = compile_step(args.topology, args.layers, batch, args.seq, remat, block, args.program)
-                    results[key]["compile_s"] = round(time.time() - t0, 1)
-                    if args.json:
-                        tmp = args.json + ".tmp"
-                        with open(tmp, "w", encoding="utf-8") as f:
-                            json.dump(results, f, indent=1)
-                        os.replace(tmp, args.json)
-                r = results[key]
-                over = " (over the chip's HBM: XLA refuses it)" if r["oom"] else ""
-                print(f"{loss:9s} remat={remat:13s} batch={batch}: temp {r['temp'] / GIB:.2f} GiB{over} "
-                      f"({r['compile_s']} s)", flush=True)
+    def key_of(batch: int, remat: str, loss: str, qb: int) -> str:
+        block = args.block_size if loss == "blockwise" else 0
+        key = f"{args.program}|{args.topology}|{args.layers}|{args.seq}|{batch}|{remat}|{loss}|{block}"
+        return key + (f"|qb{qb}" if qb else "")
+
+    for qb in args.query_block:
+        for batch in args.batch:
+            for remat in args.remat:
+                for loss in args.loss:
+                    key = key_of(batch, remat, loss, qb)
+                    if key not in results:
+                        t0 = time.time()
+                        block = args.block_size if loss == "blockwise" else 0
+                        results[key] = compile_step(args.topology, args.layers, batch, args.seq, remat, block,
+                                                    args.program, qb)
+                        results[key]["compile_s"] = round(time.time() - t0, 1)
+                        if args.json:
+                            tmp = args.json + ".tmp"
+                            with open(tmp, "w", encoding="utf-8") as f:
+                                json.dump(results, f, indent=1)
+                            os.replace(tmp, args.json)
+                    r = results[key]
+                    over = " (over the chip's HBM: XLA refuses it)" if r["oom"] else ""
+                    print(f"{loss:9s} remat={remat:13s} batch={batch} query_block={qb}: temp {r['temp'] / GIB:.2f} "
+                          f"GiB{over} ({r['compile_s']} s)", flush=True)
 
     kind = next(iter(results.values()))["device"] if results else args.topology
     print()
     what = "the train step" if args.program == "step" else "the loss's value_and_grad (gradients are outputs)"
     print(f"Temporaries (GiB) of {what} compiled for {args.topology} ({kind}), {args.layers} layers at "
           f"GPT-J-6B width, seq {args.seq}, bfloat16 compute, float32 params and Adam state; "
-          f"blockwise: loss_block_size {args.block_size}.")
+          f"blockwise: loss_block_size {args.block_size}; einsum attention.")
     print()
     head = [f"{loss} / batch {b}" for loss in args.loss for b in args.batch]
-    print("| remat | " + " | ".join(head) + " |")
-    print("|---" * (len(head) + 1) + "|")
-    for remat in args.remat:
-        cells = []
-        for loss in args.loss:
-            for b in args.batch:
-                block = args.block_size if loss == "blockwise" else 0
-                r = results.get(f"{args.program}|{args.topology}|{args.layers}|{args.seq}|{b}|{remat}|{loss}|{block}")
-                cells.append("-" if r is None else f"{r['temp'] / GIB:.2f}" + (" (OOM)" if r["oom"] else ""))
-        print(f"| `{remat}` | " + " | ".join(cells) + " |")
+    print("| query block | remat | " + " | ".join(head) + " |")
+    print("|---" * (len(head) + 2) + "|")
+    for qb in args.query_block:
+        for remat in args.remat:
+            cells = []
+            for loss in args.loss:
+                for b in args.batch:
+                    r = results.get(key_of(b, remat, loss, qb))
+                    cells.append("-" if r is None else f"{r['temp'] / GIB:.2f}" + (" (OOM)" if r["oom"] else ""))
+            print(f"| {qb or 'all rows'} | `{remat}` | " + " | ".join(cells) + " |")
     return 0
 
 

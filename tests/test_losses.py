@@ -108,6 +108,44 @@ def test_blockwise_never_holds_the_vocabulary_logits():
     assert temp["blockwise"] < n * v * 4 // 4 < temp["full"], temp
 
 
+_TPU_LOSS_MEMORY = """
+import json, sys
+import jax, jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import SingleDeviceSharding
+from gptj_jax import losses
+topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:1x1", chips_per_host_bounds=(1, 1, 1))
+s = SingleDeviceSharding(topo.devices[0])
+args = (jax.ShapeDtypeStruct((2, 2048, 4096), jnp.bfloat16, sharding=s), jax.ShapeDtypeStruct((4096, 50400), jnp.float32, sharding=s),
+        jax.ShapeDtypeStruct((50400,), jnp.float32, sharding=s), jax.ShapeDtypeStruct((2, 2048), jnp.int32, sharding=s))
+def blockwise(h, k, b, t):
+    return losses.blockwise_cross_entropy(h, k, b, t, block_size=8192).mean()
+def full(h, k, b, t):
+    return losses.token_cross_entropy(jnp.einsum("btd,dv->btv", h.astype(jnp.float32), k) + b, t).mean()
+out = {}
+for name, fn in (("blockwise", blockwise), ("full", full)):
+    c = jax.jit(jax.grad(fn, argnums=(0, 1, 2))).lower(*args).compile()
+    out[name] = c.memory_analysis().temp_size_in_bytes
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_blockwise_gradient_compiled_for_tpu_v5e_holds_no_second_kernel():
+    """GPT-J-6B's head (h [2, 2048, 4096] bf16, float32 kernel [4096, 50400]) compiled for a TPU v5e chip (libtpu,
+    deviceless): the blockwise loss's value-and-grad needs fewer temporaries than one float32 [4096, 50400] array
+    (0.77 GiB) and than the full logits' program. XLA:TPU stores that kernel column-major; a kernel-gradient carry in
+    another layout was copied once more after the block loop (1.23 GiB of temporaries)."""
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", _TPU_LOSS_MEMORY], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    temp = json.loads(proc.stdout.strip().splitlines()[-1])
+    kernel = 4096 * 50400 * 4
+    assert temp["blockwise"] < 0.8 * kernel and temp["blockwise"] < temp["full"], temp
+
+
 def test_blockwise_rejects_bad_arguments():
     h, k, b, t = _random_head()
     with pytest.raises(ValueError, match="block_size must be > 0, got 0"):

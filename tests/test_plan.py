@@ -268,6 +268,35 @@ def test_modes_table_for_gptj_6b_on_v5e_1():
                                                       "a100-80", "h100", "v2-8"}
 
 
+def test_modes_full_fine_tuning_rows_per_device_with_the_blockwise_loss():
+    """``plan --modes --loss-block-size 8192``: the most 2048-token rows per device for GPT-J-6B full fine-tuning
+    (remat full) on v3-8, v4-8 and v5e-8, recomputed here: float32 params + grads + Adam (16 bytes per param) split
+    over the devices; per row each block's bfloat16 input, one block's activations (10 D + 2 F bfloat16 values and
+    16 heads' float32 scores and probabilities per token) and three float32 8192-column logits blocks; once, the
+    bfloat16 lm_head kernel."""
+    seq, block = 2048, 8192
+    table = _json(_modes("--json", "--loss-block-size", str(block), "--hardware", "v3-8,v4-8,v5e-8"))
+    full_logits = _json(_modes("--json", "--loss-block-size", "0", "--hardware", "v3-8,v4-8,v5e-8"))
+    assert table["loss_block_size"] == block and full_logits["loss_block_size"] == 0
+    per_row = (L6 * seq * D6 * 2 + seq * ((10 * D6 + 2 * F6) * 2 + 2 * 16 * seq * 4) + 3 * seq * block * 4)
+    per_row_full = per_row - 3 * seq * block * 4 + 3 * seq * V6 * 4
+    expected = {}
+    for key, devices, memory in (("v3-8", 8, 16 * GIB), ("v4-8", 4, 32 * GIB), ("v5e-8", 8, 16 * GIB)):
+        free = 0.9 * memory - 16 * N6 / devices
+        expected[key] = (int((free - V6 * D6 * 2) // per_row), int(free // per_row_full))
+    assert expected == {"v3-8": (1, 1), "v4-8": (4, 2), "v5e-8": (1, 1)}
+    for blockwise, full in zip(table["hosts"], full_logits["hosts"]):
+        rows, rows_full = expected[blockwise["key"]]
+        cell = blockwise["modes"]["full"]
+        assert (cell["batch_per_device"], cell["batch"], cell["seq"]) == (rows, rows * blockwise["devices"], seq)
+        assert full["modes"]["full"]["batch_per_device"] == rows_full
+    md = _modes("--loss-block-size", str(block), "--hardware", "v3-8,v4-8,v5e-8")
+    assert md.returncode == 0, md.stderr[-2000:]
+    assert "| TPU v4-8 | 117 x 2048 | 122 x 2048 | 16 x 2048 |" in md.stdout
+    assert ("Full fine-tuning rows per device at context 2048: TPU v3-8 1, TPU v4-8 4, TPU v5e-8 1." in md.stdout)
+    assert "blockwise loss in 8192-column vocabulary blocks" in md.stdout
+
+
 # ---------------------------------------------------------------------------------------- compiled for a TPU
 # These compile GPT-J-6B's real steps for a TPU v5e-1 with libtpu (deviceless; `pip install
 # 'gptj-jax[tpu-aot]'`, which `make install` includes). Without libtpu they fail with its error message.

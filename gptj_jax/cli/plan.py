@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training forward: XLA-partitioned or the explicit shard_map one")
     parser.add_argument("--loss-block-size", type=int, default=None,
                         help="training loss in blocks of this many vocabulary columns (default: the train config's "
-                        "loss_block_size; 0: full logits)")
+                        "loss_block_size; 0: full logits); --modes: full fine-tuning's loss")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of markdown")
     parser.add_argument("--compile-for", default=None, choices=TPU_TARGETS, metavar="TPU",
                         help="compile for this TPU host's topology with libtpu (no TPU needed; pip install "
@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         if args.hardware:
             hosts = tuple(plan_lib.host_by_key(key.strip()) for key in args.hardware.split(","))
         table = plan_lib.modes_table(config, hosts=hosts, lora_rank=args.lora_rank, remat=args.remat or "full",
-                                     int8_embeddings=args.int8_embeddings, seq=args.seq)
+                                     int8_embeddings=args.int8_embeddings, seq=args.seq,
+                                     loss_block_size=args.loss_block_size)
         if args.json:
             import json
 

@@ -115,6 +115,9 @@ class TrainConfig:
     remat: str = _key("none", "rematerialisation per block: `none`, `dots`, `dots_no_batch`, `full`")
     attention: str = _key("auto", "attention implementation (the model config's `attention`): `auto` (by backend: "
                           "`xla` on CPU, `cudnn` on GPU, `splash` on TPU), `xla`, `cudnn`, `pallas_flash`, `splash`")
+    attention_query_block: int = _key(0, "> 0: the einsum attention (`xla`) runs over blocks of this many query rows, "
+                                      "each block's float32 scores recomputed in the backward (same numbers, a "
+                                      "fraction of the attention memory; no attention dropout); 0: all rows at once")
     scan_layers: bool = _key(False, "run the blocks under `nn.scan` (params stacked on a leading `layers` axis; "
                              "one block compiled instead of `layers`); `forward: gspmd` only")
     forward: str = _key("gspmd", "`gspmd` (the linen model under `jit`, XLA places the collectives) or `shard_map` "
@@ -125,8 +128,9 @@ class TrainConfig:
                          "`z * log(sum(exp(logits - max)))^2` per token")
     loss_block_size: int = _key(0, "> 0: cross entropy in blocks of this many vocabulary columns (e.g. 8192; the "
                                 "backward recomputes each block's logits), so the `[batch, seq, n_vocab]` logits are "
-                                "never held; same loss and gradients; 0: full logits (measured faster on CPU and, with "
-                                "the einsum attention, smaller on TPU v5e; see docs/benchmarks.md)")
+                                "never held; same loss and gradients; 0: full logits (faster on CPU; on TPU v5e the same "
+                                "memory at 2 rows, 2.45 GiB less at 8 rows of a 4-layer GPT-J-6B-width step with "
+                                "8192: see docs/benchmarks.md)")
     seed: int = _key(0, "seed of the random init, the data order and dropout")
     shuffle: bool = _key(True, "shuffle training records (per epoch, from `seed`)")
     data_workers: int = _key(0, "grain worker processes reading records (0: in the main process)")
@@ -345,7 +349,7 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
         value = getattr(cfg, key)
         if value is not None and value <= 0:
             raise TrainConfigError(f"{source}: key {key!r} must be > 0, got {value}")
-    for key in ("warmup_steps", "data_workers", "loss_block_size"):
+    for key in ("warmup_steps", "data_workers", "loss_block_size", "attention_query_block"):
         if getattr(cfg, key) < 0:
             raise TrainConfigError(f"{source}: key {key!r} must be >= 0, got {getattr(cfg, key)}")
     for key in ("lr", "weight_decay", "z_loss", "clip_norm"):
@@ -447,7 +451,8 @@ def model_config_for(cfg: TrainConfig, loaded: Optional[GPTJConfig] = None) -> G
             model_cfg = base.replace(**changes)
         except ValueError as e:
             raise TrainConfigError(f"model shape from the config keys: {e}") from None
-    model_cfg = model_cfg.replace(attention=cfg.attention, scan_layers=cfg.scan_layers)
+    model_cfg = model_cfg.replace(attention=cfg.attention, scan_layers=cfg.scan_layers,
+                                  attention_query_block=cfg.attention_query_block)
     if cfg.dropout is not None:
         model_cfg = model_cfg.replace(resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout)
     if cfg.seq > model_cfg.n_positions:
