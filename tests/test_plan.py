@@ -423,8 +423,10 @@ def v5e_1_small_modes(tmp_path_factory) -> dict:
     path.write_text(json.dumps(SMALL))
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
+    # --attention xla: the einsum path these figures describe (auto is splash for a TPU prefill / train step,
+    # whose temporaries at this small size are 0)
     argv = [sys.executable, "-m", "gptj_jax.cli", "plan", "--config", str(path), "--compile-for", "v5e-1",
-            "--batch", "2", "--seq", "256", "--json"]
+            "--batch", "2", "--seq", "256", "--json", "--attention", "xla"]
     procs = {mode: subprocess.Popen(argv + ["--mode", mode] + ([] if mode == "int8" else ["--remat", "full"]), cwd=REPO,
                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for mode in ("int8", "lora", "qlora")}
@@ -446,7 +448,11 @@ def test_compiled_for_v5e_1_int8_inference(v5e_1_small_modes):
     # program takes, no bfloat16 copy
     assert 0 <= prefill["argument"] - state <= 32 * 1024 and 0 <= decode["argument"] - state <= 32 * 1024
     assert decode["alias"] >= 0.99 * a["kv_cache"]
-    assert prefill["temp"] > 0 and prefill["flops_per_device"] > 0
+    # XLA:TPU's own figures, as reported (at this size the prefill's temporaries are 0 since the per-row cache
+    # write is in place): the peak is their sum
+    for step in (prefill, decode):
+        assert step["peak"] == step["argument"] + step["output"] - step["alias"] + step["temp"] + step["code"]
+        assert step["flops_per_device"] > 0
     assert plan["fits"][0]["verdict"] == "fits"
 
 
