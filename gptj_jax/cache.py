@@ -201,16 +201,22 @@ def check_cache(config: GPTJConfig, cache: Cache) -> None:
 
 
 # ---------------------------------------------------------------------------------------- writes
-def write_kv(buf: Array, new: Array, index: Array) -> Array:
+# Rows up to which write_kv writes each row with its own dynamic_update_slice instead of one scatter (accelerators).
+UNROLLED_WRITE_ROWS = 16
+
+
+def write_kv(buf: Array, new: Array, index: Array, *, unrolled_rows: int = UNROLLED_WRITE_ROWS) -> Array:
     """Row ``b`` of ``new [B, N, T, H]`` into ``buf [B, N, S, H]`` at slots ``index[b] .. index[b] + T - 1``.
 
-    ``index [B]`` int32. In place when ``buf`` is donated. Up to :data:`UNROLLED_WRITE_ROWS` rows: one
+    ``index [B]`` int32. In place when ``buf`` is donated. Up to ``unrolled_rows`` rows: one
     ``dynamic_update_slice`` per row (static row, traced slot); more rows: one scatter (the per-row update
     vmapped), which XLA:TPU expands into a while loop over the rows and, measured on a v5e at batch 4, then
     moves each layer's cache out to alternate memory and back (``docs/benchmarks.md``, decode step bytes).
+    The model passes :func:`unrolled_write_rows` of the backend it compiles for: XLA:CPU compiles the
+    unrolled updates several times slower, so on CPU every batch takes the scatter.
     """
     new = new.astype(buf.dtype)
-    if buf.shape[0] > UNROLLED_WRITE_ROWS:
+    if buf.shape[0] > unrolled_rows:
         return jax.vmap(lambda b, n, i: lax.dynamic_update_slice(b, n, (0, i, 0)))(buf, new, index)
     zero = jnp.zeros((), index.dtype)
     for b in range(buf.shape[0]):
@@ -218,8 +224,10 @@ def write_kv(buf: Array, new: Array, index: Array) -> Array:
     return buf
 
 
-# Rows up to which write_kv writes each row with its own dynamic_update_slice instead of one scatter.
-UNROLLED_WRITE_ROWS = 16
+def unrolled_write_rows(backend: str) -> int:
+    """The ``unrolled_rows`` of :func:`write_kv` for ``backend``: 0 on ``"cpu"``, :data:`UNROLLED_WRITE_ROWS`
+    on accelerators."""
+    return 0 if backend == "cpu" else UNROLLED_WRITE_ROWS
 
 
 def write_mask(mask: Array, new: Array, index: Array) -> Array:

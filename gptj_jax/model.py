@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from .cache import Cache, check_cache, dequantize_kv, quantize_kv, write_kv, write_mask
+from .cache import Cache, check_cache, dequantize_kv, quantize_kv, unrolled_write_rows, write_kv, write_mask
 from .config import ATTENTION_IMPLS, GPTJConfig
 from .losses import causal_lm_loss, token_cross_entropy
 
@@ -61,10 +61,11 @@ _f32_dot = functools.partial(lax.dot_general, preferred_element_type=jnp.float32
 
 @jax.custom_vjp
 def _grad_barrier(x: Array) -> Array:
-    """Identity whose gradient passes an ``optimization_barrier``: the residual stream's gradient is
-    materialised once per block. Without it XLA:CPU fuses the whole chain of per-block residual-gradient
-    adds (and LayerNorm backward terms) into every consumer, recomputing it for each block (quadratic in
-    ``n_layer``). No effect on values or on the forward pass."""
+    """Identity whose gradient passes an ``optimization_barrier``, so that the residual stream's gradient is
+    materialised once per block instead of the chain of later blocks' residual-gradient adds (and LayerNorm
+    backward terms) being fused into every consumer (quadratic in ``n_layer``). XLA:CPU removes
+    optimization barriers before fusion (its compiled step has none), so on CPU this changes nothing and the
+    chain is recomputed (``docs/benchmarks.md``, CPU step). No effect on values or on the forward pass."""
     return x
 
 
@@ -230,6 +231,11 @@ def attention_backend(platform: str) -> Iterator[None]:
         _BACKEND.reset(token)
 
 
+def target_backend() -> str:
+    """The platform the model is traced for: the one :func:`attention_backend` names, else jax's default."""
+    return _BACKEND.get() or jax.default_backend()
+
+
 @contextlib.contextmanager
 def interpret_kernels() -> Iterator[None]:
     """Within this context the Pallas kernels (``pallas_flash``, ``splash``) run in Pallas' TPU interpret
@@ -257,7 +263,7 @@ def resolve_attention(
     impl = config.attention
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention {impl!r} is not one of {list(ATTENTION_IMPLS)}")
-    backend = backend or _BACKEND.get() or jax.default_backend()
+    backend = backend or target_backend()
     if impl == "xla" or q_len == 1:
         return "xla"
     if impl == "auto":
@@ -412,19 +418,20 @@ class GPTJAttention(nn.Module):
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, N, T, H]: the cache layout
         k_new, v_new = k, v
         new_cache = None
+        write = functools.partial(write_kv, unrolled_rows=unrolled_write_rows(target_backend()))
         if layer_cache is not None and "k_scale" in layer_cache:  # int8 cache (cache.py): quantize, write, dequantize
             new_cache, stored = {}, {}
             for name, x in (("k", k), ("v", v)):
                 xq, xs = quantize_kv(x)  # [B, N, T, H] int8, [B, N, T, 1] float32
-                new_cache[name] = write_kv(layer_cache[name], xq, cache_index)  # [B, N, S, H]
-                new_cache[name + "_scale"] = write_kv(layer_cache[name + "_scale"], xs, cache_index)  # [B, N, S, 1]
+                new_cache[name] = write(layer_cache[name], xq, cache_index)  # [B, N, S, H]
+                new_cache[name + "_scale"] = write(layer_cache[name + "_scale"], xs, cache_index)  # [B, N, S, 1]
                 stored[name] = dequantize_kv(xq, xs, self.dtype)  # the new tokens as stored (what a kernel sees)
             k_new, v_new = stored["k"], stored["v"]
             k = dequantize_kv(new_cache["k"], new_cache["k_scale"], self.dtype)
             v = dequantize_kv(new_cache["v"], new_cache["v_scale"], self.dtype)
         elif layer_cache is not None:
-            k = write_kv(layer_cache["k"], k, cache_index)  # [B, N, S, H]
-            v = write_kv(layer_cache["v"], v, cache_index)
+            k = write(layer_cache["k"], k, cache_index)  # [B, N, S, H]
+            v = write(layer_cache["v"], v, cache_index)
             new_cache = {"k": k, "v": v}
             k, v = k.astype(self.dtype), v.astype(self.dtype)
         impl = self.attention_impl

@@ -3,6 +3,7 @@
     python scripts/bench_train.py                      # 162M config, batch 4 x 256, float32; updates docs/benchmarks.md
     python scripts/bench_train.py --steps 3 --no-write
     python scripts/bench_train.py --profile --no-write # also: where each step spends its time, per op class
+    python scripts/bench_train.py --loss-block-size 0 --also-block-size 8192 --profile --floor  # as in the docs
 
 Both sides run a full optimizer step per batch: forward, backward, global-norm clip 1.0, Adam(W) with weight
 decay. Ours is ``gptj_jax.train.step.make_train_step`` with the mesh-transformer-jax chain on one device (the
@@ -13,6 +14,11 @@ without the embedding lookup), MFU is model FLOP/s over the float32 matmul peak 
 reported, with the ratio within each round (the machine is shared: the load, from ``os.getloadavg``, is noted).
 Prints a markdown table and writes it under ``## Training step vs PyTorch`` in docs/benchmarks.md (other sections
 are kept).
+
+``--floor`` (our main row's loss must be ``--loss-block-size 0``: no dot in a loop): the dots of our compiled step
+read from its HLO, as GEMMs ``[batch, M, K] @ [batch, K, N]`` with row-major operands, each shape timed alone in
+JAX (XLA:CPU) and torch; their sum is the step's matmul time at each library's best, so the MFU either could
+reach if nothing else took time.
 
 ``--profile``: ours from a ``jax.profiler`` trace (one event per XLA:CPU thunk, mapped to its HLO instruction
 in the compiled module and classed by what it computes), theirs from ``torch.profiler`` (self CPU time per aten
@@ -26,6 +32,7 @@ import collections
 import glob
 import gzip
 import json
+import math
 import os
 import platform
 import re
@@ -230,6 +237,125 @@ def profile_torch(step, vocab: int, seq: int, steps: int) -> dict:
     return dict(out)
 
 
+# ---------------------------------------------------------------------------------------- matmul floor
+_DOT = re.compile(r"= (\w+)\[[\d,]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)(.*)$")
+
+
+def _dims_of(attrs: str, key: str) -> tuple[int, ...]:
+    m = re.search(key + r"=\{([\d,]*)\}", attrs)
+    return tuple(int(x) for x in m.group(1).split(",") if x) if m else ()
+
+
+def step_dots(hlo: str) -> collections.Counter:
+    """The dots of a compiled step without loops: ``Counter`` of (dtype, lhs shape, rhs shape, dimension
+    numbers ((lhs contracting, rhs contracting), (lhs batch, rhs batch))) -> how many times the step runs it."""
+    instrs, comps = _hlo_index(hlo)
+    looped, todo = set(), re.findall(r" while\(.*?body=%([\w.\-]+)", hlo)
+    while todo:  # the computations a loop runs: its body and what the body calls
+        name = todo.pop()
+        if name not in looped:
+            looped.add(name)
+            todo += re.findall(r"(?:calls|body|to_apply)=%([\w.\-]+)", "\n".join(comps.get(name, [])))
+    if any(" dot(" in line for name in looped for line in comps.get(name, [])):
+        raise ValueError("a dot runs in a loop (blockwise loss or scan_layers): its trip count is not counted")
+    out = collections.Counter()
+    for line in hlo.splitlines():
+        m = _DOT.search(line)
+        if m:
+            attrs = m.group(4)
+            dims = ((_dims_of(attrs, "lhs_contracting_dims"), _dims_of(attrs, "rhs_contracting_dims")),
+                    (_dims_of(attrs, "lhs_batch_dims"), _dims_of(attrs, "rhs_batch_dims")))
+            lhs, rhs = (tuple(_dims(instrs[name][1])) for name in (m.group(2), m.group(3)))
+            out[(m.group(1), lhs, rhs, dims)] += 1
+    return out
+
+
+def _dot_flops(lhs: tuple, rhs: tuple, dims: tuple) -> int:
+    """2 x (every lhs dim) x (the rhs's free dims)."""
+    (_, rc), (_, rb) = dims
+    return 2 * math.prod(lhs) * math.prod(d for j, d in enumerate(rhs) if j not in rc + rb)
+
+
+def _gemm_of(lhs: tuple, rhs: tuple, dims: tuple) -> tuple[int, int, int, int]:
+    """(batch, M, K, N) of a dot_general: the same FLOPs as one ``[batch, M, K] @ [batch, K, N]``."""
+    (lc, rc), (lb, rb) = dims
+    batch = math.prod(lhs[i] for i in lb)
+    k = math.prod(lhs[i] for i in lc)
+    m = math.prod(d for i, d in enumerate(lhs) if i not in lc + lb)
+    n = math.prod(d for j, d in enumerate(rhs) if j not in rc + rb)
+    return batch, m, k, n
+
+
+def _best_seconds(fn, *args, budget: float = 0.5, calls: int = 5) -> float:
+    """The fastest of repeated calls ``fn(*args)`` after one warm-up: at least ``calls`` calls, and more within
+    about ``budget`` seconds."""
+    fn(*args)
+    best, t_end = float("inf"), time.perf_counter() + budget
+    for i in range(1000):
+        t0 = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - t0)
+        if i + 1 >= calls and time.perf_counter() > t_end:
+            break
+    return best
+
+
+def matmul_floor(hlo: str) -> list[dict]:
+    """The dots of our compiled step as GEMMs ``[batch, M, K] @ [batch, K, N]`` in row-major operands (the layout
+    each library is fastest in; XLA picks the step's own layouts), each shape timed alone, in JAX (XLA:CPU) and
+    in torch: the fastest call of each. A row per shape: the step's matmul work at each library's best."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    gemms = collections.Counter()
+    for (dtype, lhs, rhs, dims), count in step_dots(hlo).items():
+        gemms[(dtype, *_gemm_of(lhs, rhs, dims))] += count
+    rows = []
+    matmul = jax.jit(jnp.matmul)
+    for (dtype, batch, m, k, n), count in sorted(gemms.items(), key=lambda kv: -math.prod(kv[0][1:]) * kv[1]):
+        np_dtype = {"f32": np.float32, "f64": np.float64}[dtype]
+        rng = np.random.RandomState(0)
+        a, b = rng.randn(batch, m, k).astype(np_dtype), rng.randn(batch, k, n).astype(np_dtype)
+        ja, jb = jnp.asarray(a), jnp.asarray(b)
+        t_jax = _best_seconds(lambda x, y: matmul(x, y).block_until_ready(), ja, jb)
+        t_torch = _best_seconds(torch.matmul, torch.from_numpy(a), torch.from_numpy(b))
+        rows.append({"dot": f"[{batch}, {m}, {k}] @ [{batch}, {k}, {n}]", "count": count, "flops": 2 * batch * m * k * n,
+                     "jax": t_jax, "torch": t_torch})
+    return rows
+
+
+def floor_lines(rows: list[dict], flops: float, m_ours: float, m_torch: float, peak: float) -> list[str]:
+    """The ``--floor`` table and what it bounds."""
+    t_jax = sum(r["count"] * r["jax"] for r in rows)
+    t_torch = sum(r["count"] * r["torch"] for r in rows)
+    dot_flops = sum(r["count"] * r["flops"] for r in rows)
+    lines = [
+        f"Matmul floor (`--floor`): the dots of our compiled step ({sum(r['count'] for r in rows)} per step, "
+        f"{dot_flops / 1e9:.1f} GFLOP) as {len(rows)} GEMM shapes `[batch, M, K] @ [batch, K, N]` with row-major "
+        f"operands, each timed alone with random inputs (fastest call after a warm-up) in JAX (XLA:CPU) and in "
+        f"torch (`torch.matmul`, {__import__('torch').get_num_threads()} threads).",
+        "",
+        "| GEMM | calls per step | GFLOP per call | XLA:CPU ms (GFLOP/s) | torch ms (GFLOP/s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| `{r['dot']}` | {r['count']} | {r['flops'] / 1e9:.2f} | {r['jax'] * 1e3:.1f} "
+                     f"({r['flops'] / r['jax'] / 1e9:.0f}) | {r['torch'] * 1e3:.1f} ({r['flops'] / r['torch'] / 1e9:.0f}) |")
+    lines += [
+        f"| all dots of one step | | {dot_flops / 1e9:.1f} | {t_jax * 1e3:.0f} ({dot_flops / t_jax / 1e9:.0f}) | "
+        f"{t_torch * 1e3:.0f} ({dot_flops / t_torch / 1e9:.0f}) |",
+        "",
+        f"The step's matmuls alone, back to back at their fastest, take {t_jax:.2f} s in XLA:CPU and {t_torch:.2f} s in "
+        f"torch: with XLA:CPU's dots our step can reach at most {flops / t_jax / peak:.0%} of the median peak "
+        f"({flops / t_torch / peak:.0%} with torch's), before any non-matmul work. Our median step is "
+        f"{m_ours / t_jax:.2f}x its matmul floor; Transformers' is {m_torch / t_torch:.2f}x the torch floor.",
+        "",
+    ]
+    return lines
+
+
 def write_section(path: str, section: str) -> None:
     """Replace (or append) the section of ``path`` headed by ``section``'s first line, keeping every other one."""
     text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
@@ -258,6 +384,8 @@ def main() -> int:
                         help="also time ours with this loss_block_size in the same rounds (a third row)")
     parser.add_argument("--profile", action="store_true", help="also profile both steps and print ms per op class")
     parser.add_argument("--profile-steps", type=int, default=2)
+    parser.add_argument("--floor", action="store_true",
+                        help="also time each dot of our step alone (XLA:CPU and torch): the matmul floor of the step")
     parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
     args = parser.parse_args()
 
@@ -334,7 +462,10 @@ def main() -> int:
     if other is not None:
         lines[-1:-1] = [
             f"Ours with loss_block_size {args.also_block_size} / ours with {block}, within each round: "
-            + ", ".join(f"{a / b:.2f}" for a, b in zip(t_ours, t_other)) + ".",
+            + ", ".join(f"{a / b:.2f}" for a, b in zip(t_ours, t_other)) + ". "
+            f"Ours with loss_block_size {args.also_block_size} / transformers (tokens/s), within each round: "
+            + ", ".join(f"{b / a:.2f}" for a, b in zip(t_other, t_torch))
+            + f" (median {statistics.median([b / a for a, b in zip(t_other, t_torch)]):.2f}x).",
             "",
         ]
     if args.profile:
@@ -351,8 +482,12 @@ def main() -> int:
             lines.append(f"| {cls} | {p_ours.get(cls, 0.0):.0f} | {p_torch.get(cls, 0.0):.0f} |")
         lines.append(f"| total (profiled) | {sum(p_ours.values()):.0f} | {sum(p_torch.values()):.0f} |")
         lines.append("")
+    print("\n".join(lines), flush=True)
+    if args.floor:
+        floor = floor_lines(matmul_floor(hlo), flops, m_ours, m_torch, peak)
+        print("\n".join(floor), flush=True)
+        lines += floor
     section = "\n".join(lines) + "\n"
-    print(section)
     if not args.no_write:
         write_section(os.path.join(ROOT, "docs", "benchmarks.md"), section)
         print("updated docs/benchmarks.md")

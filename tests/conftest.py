@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 from helpers import (  # noqa: E402, F401  (re-exported for the test files)
     HF_CLASSES,
     TINY,
+    generate_cli,
     hf_config,
     hf_model,
     left_padded_batch,

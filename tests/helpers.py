@@ -7,8 +7,13 @@ attentions can be compared); ``params_of(hf)`` converts its state dict to our py
 same mapping table the converters use (``gptj_jax.convert.table``).
 """
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 
+import gptj_jax
 from gptj_jax.config import GPTJConfig
 from gptj_jax.model import HEADS
 
@@ -90,3 +95,15 @@ def padded_lm_batch(vocab: int, batch: int, length: int, seed: int):
         mask[row, :pad] = 0
     labels = np.where(mask == 1, ids, -100).astype(np.int32)
     return ids, mask, labels
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(gptj_jax.__file__)))  # the package under test
+
+
+def generate_cli(argv: list, env: dict = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``gptj-jax generate ARGV`` in a fresh interpreter (one CPU device unless ``env`` sets XLA_FLAGS)."""
+    full = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    full.pop("XLA_FLAGS", None)
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-m", "gptj_jax.cli", "generate", *argv], capture_output=True, text=True,
+                          env=full, cwd=REPO, timeout=timeout)

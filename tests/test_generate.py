@@ -256,10 +256,12 @@ def test_cache_layout_equals_full_forward(tiny):
         model.apply({"params": params}, jnp.asarray(ids), cache=old)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 17])  # up to UNROLLED_WRITE_ROWS (16): one update per row; above: a scatter
-def test_write_kv_writes_each_row_at_its_slot(rows):
+@pytest.mark.parametrize("unrolled_rows", [0, 16])  # 0: the scatter (CPU); 16: one update per row (accelerators)
+@pytest.mark.parametrize("rows", [1, 4, 17])  # 17 > UNROLLED_WRITE_ROWS: a scatter on every backend
+def test_write_kv_writes_each_row_at_its_slot(rows, unrolled_rows):
     """``cache.write_kv``: row b of ``new`` at slots index[b] .., clamped into the buffer like
-    ``dynamic_update_slice`` (an index past S - T writes the last T slots), in the buffer's dtype."""
+    ``dynamic_update_slice`` (an index past S - T writes the last T slots), in the buffer's dtype; the
+    per-row updates and the scatter write the same bytes."""
     from gptj_jax.cache import UNROLLED_WRITE_ROWS, write_kv
 
     assert UNROLLED_WRITE_ROWS == 16
@@ -272,8 +274,31 @@ def test_write_kv_writes_each_row_at_its_slot(rows):
         for b in range(rows):
             i = min(int(index[b]), 8 - T)
             want[b, :, i : i + T] = new[b].astype(jnp.bfloat16)
-        got = jax.jit(write_kv)(jnp.asarray(buf, jnp.bfloat16), jnp.asarray(new, jnp.float32), jnp.asarray(index))
+        write = jax.jit(lambda b, n, i: write_kv(b, n, i, unrolled_rows=unrolled_rows))
+        got = write(jnp.asarray(buf, jnp.bfloat16), jnp.asarray(new, jnp.float32), jnp.asarray(index))
         assert got.dtype == jnp.bfloat16 and np.array_equal(np.asarray(got), want), (rows, T)
+
+
+def test_decode_writes_the_cache_by_row_on_accelerators_and_by_scatter_on_cpu(tiny):
+    """The model's cache write follows the platform it is traced for (``model.attention_backend``, as plan's
+    TPU compiles set it): one ``dynamic_update_slice`` per row and K/V buffer for a TPU (no while loop over rows
+    there), a scatter on CPU (which compiles the unrolled form several times slower). The attention mask is a
+    scatter on both. Lowered only: no TPU needed."""
+    from gptj_jax.cache import init_cache
+    from gptj_jax.model import attention_backend
+
+    _, params = tiny
+    model = GPTJForCausalLM(TINY)
+    rows = 4
+    cache = init_cache(TINY, rows, 16)
+    ids = jnp.zeros((rows, 1), jnp.int32)
+    text = {}
+    for platform in ("cpu", "tpu"):
+        with attention_backend(platform):
+            text[platform] = jax.jit(lambda p, c: model.apply({"params": p}, ids, cache=c)).lower(params, cache).as_text()
+    assert text["tpu"].count("dynamic_update_slice") == rows * 2 * TINY.n_layer  # K and V of each layer, per row
+    assert "dynamic_update_slice" not in text["cpu"]
+    assert text["cpu"].count("stablehlo.scatter") > text["tpu"].count("stablehlo.scatter") > 0
 
 
 # ============================================================================ compile counting

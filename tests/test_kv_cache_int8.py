@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import hf_model, left_padded_batch, params_of
+from conftest import generate_cli, hf_model, left_padded_batch, params_of
 
 import gptj_jax
 from gptj_jax import generation as G
@@ -374,13 +374,6 @@ def test_int8_cache_on_8_devices_equals_one_device(mesh_results, shape):
         assert "mp" in r["scale_spec"], r
 
 
-def _cli(argv: list, env: dict = None) -> subprocess.CompletedProcess:
-    full = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    full.pop("XLA_FLAGS", None)
-    full.update(env or {})
-    return subprocess.run([sys.executable, "-m", "gptj_jax.cli", "generate", *argv], capture_output=True, text=True,
-                          env=full, cwd=REPO, timeout=600)
-
 
 def test_cli_kv_cache_int8_mesh_of_8_equals_one_device(tmp_path):
     """``gptj-jax generate --kv-cache int8 --greedy`` on an 8-device mesh (fsdp=2, mp=4) prints what one device
@@ -390,8 +383,8 @@ def test_cli_kv_cache_int8_mesh_of_8_equals_one_device(tmp_path):
     prompt = "Hello world, this is"
     argv = ["--model", str(tmp_path / "model"), "--prompt", prompt, "--max-new-tokens", "12", "--greedy", "--quiet",
             "--kv-cache", "int8"]
-    one = _cli(argv)
-    eight = _cli([*argv, "--mesh", "fsdp=2,mp=4"], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    one = generate_cli(argv)
+    eight = generate_cli([*argv, "--mesh", "fsdp=2,mp=4"], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert one.returncode == 0 and eight.returncode == 0, (one.stderr[-2000:], eight.stderr[-2000:])
     assert eight.stdout == one.stdout and one.stdout.startswith(prompt) and len(one.stdout) > len(prompt) + 1
 

@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from conftest import hf_model, left_padded_batch, params_of
+from conftest import generate_cli, hf_model, left_padded_batch, params_of
 
 import gptj_jax
 from gptj_jax.convert import CheckpointError, convert, save_flax, table
@@ -214,14 +214,6 @@ def hub_env(sources, monkeypatch):
     return cache
 
 
-def _cli(argv: list, env: dict = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``gptj-jax generate ARGV`` in a fresh interpreter (one CPU device unless ``env`` sets XLA_FLAGS)."""
-    full = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    full.pop("XLA_FLAGS", None)
-    full.update(env or {})
-    return subprocess.run([sys.executable, "-m", "gptj_jax.cli", "generate", *argv], capture_output=True, text=True,
-                          env=full, cwd=REPO, timeout=timeout)
-
 
 KINDS = ["safetensors", "safetensors-sharded", "bin", "bin-sharded", "hf-flax", "hf-flax-sharded", "orbax", "run",
          "mtj", "hub"]
@@ -252,7 +244,7 @@ def test_cli_generate_every_source_matches_transformers(kind, sources, hf):
     argv = ["--model", path, "--prompt", PROMPT, "--max-new-tokens", str(NEW), "--greedy", "--quiet"]
     if "config" in kwargs:
         argv += ["--config", kwargs["config"]]
-    proc = _cli(argv, env={"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"})
+    proc = generate_cli(argv, env={"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == _hf_text(hf) + "\n"
 
@@ -288,7 +280,7 @@ def test_cli_hub_float16_revision(sources, hf):
     cache = sources[1]
     argv = ["--model", OWNER_NAME, "--revision", "float16", "--dtype", "float32", "--prompt", PROMPT,
             "--max-new-tokens", str(NEW), "--greedy", "--quiet"]
-    proc = _cli(argv, env={"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"})
+    proc = generate_cli(argv, env={"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rounded = hf_model(CFG, seed=0, scale=3.0)
     rounded.load_state_dict({k: v.half().float() for k, v in rounded.state_dict().items()})
@@ -309,7 +301,7 @@ def test_hub_not_there_one_line_nothing_placed(spec, revision, message, sources,
         assert "(cached revisions: float16, main)" in text
     assert len(jax.live_arrays()) == before
     argv = ["--model", spec, "--prompt", PROMPT] + (["--revision", revision] if revision else [])
-    proc = _cli(argv, env={"HF_HUB_CACHE": hub_env, "HF_HUB_OFFLINE": "1"})
+    proc = generate_cli(argv, env={"HF_HUB_CACHE": hub_env, "HF_HUB_OFFLINE": "1"})
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], proc.stderr
     assert proc.stdout == ""
@@ -354,18 +346,18 @@ def test_checkpoint_tokenizer_is_used_and_decides_suppression(biased, tmp_path):
 
     assert is_gptj_tokenizer(gptj_jax.load_tokenizer(path))  # no tokenizer files: GPT-J's
     argv = ["--model", path, "--prompt", PROMPT, "--max-new-tokens", "3", "--greedy", "--quiet"]
-    plain = _cli(argv)
+    plain = generate_cli(argv)
     assert plain.returncode == 0 and "<|" not in plain.stdout, plain.stderr  # GPT-J's: 50300 suppressed
     own = str(tmp_path / "own")
     shutil.copytree(path, own)
     _renamed_tokenizer(own)
     tok = gptj_jax.load_tokenizer(own)
     assert len(tok) == 50400 and not is_gptj_tokenizer(tok) and tok.decode([50300]) == "<|x_44|>"
-    with_own = _cli(["--model", own, *argv[2:]])
+    with_own = generate_cli(["--model", own, *argv[2:]])
     assert with_own.returncode == 0 and with_own.stdout == PROMPT + "<|x_44|>" * 3 + "\n", with_own.stderr
     gptj_dir = str(tmp_path / "gptj-tok")
     save_tokenizer(gptj_dir)
-    overridden = _cli(["--model", own, "--tokenizer", gptj_dir, *argv[2:]])
+    overridden = generate_cli(["--model", own, "--tokenizer", gptj_dir, *argv[2:]])
     assert overridden.returncode == 0 and overridden.stdout == plain.stdout, overridden.stderr
 
 
@@ -436,8 +428,8 @@ def test_sharded_placement_on_8_devices(kind, sources):
 def test_cli_mesh_mp8_equals_one_device(sources):
     path, _ = sources[0]["bin"]
     argv = ["--model", path, "--prompt", PROMPT, "--max-new-tokens", str(NEW), "--greedy", "--quiet"]
-    one = _cli(argv)
-    eight = _cli([*argv, "--mesh", "mp=8"], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    one = generate_cli(argv)
+    eight = generate_cli([*argv, "--mesh", "mp=8"], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert one.returncode == 0 and eight.returncode == 0, (one.stderr[-2000:], eight.stderr[-2000:])
     assert eight.stdout == one.stdout and one.stdout.startswith(PROMPT)
 
@@ -473,7 +465,7 @@ def test_truncated_file_one_line_nothing_placed(kind, file, cut, pattern, source
         gptj_jax.load(path)
     assert "\n" not in str(err.value)
     assert len(jax.live_arrays()) == before
-    proc = _cli(["--model", path, "--prompt", PROMPT, "--max-new-tokens", "8"])
+    proc = generate_cli(["--model", path, "--prompt", PROMPT, "--max-new-tokens", "8"])
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and re.search(pattern, lines[0]), proc.stderr
 

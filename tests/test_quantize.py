@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import generate_cli
 
 import gptj_jax
 from gptj_jax import quantize as qz
@@ -160,21 +161,14 @@ def test_decode_step_keeps_no_float_copy_of_the_weights():
     assert t8 - t16 <= 2 * layer_bf16, (t8, t16, layer_bf16)
 
 
-def _cli(argv: list, env: dict = None) -> subprocess.CompletedProcess:
-    full = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    full.pop("XLA_FLAGS", None)
-    full.update(env or {})
-    return subprocess.run([sys.executable, "-m", "gptj_jax.cli", "generate", *argv], capture_output=True, text=True,
-                          env=full, cwd=ROOT, timeout=600)
-
 
 def test_cli_quantize_int8_mesh_of_8_equals_one_device(trained):
     """``generate --quantize int8 --greedy`` on an 8-device mesh (fsdp=2, mp=4: kernels and their scales split)
     prints exactly what one device prints."""
     argv = ["--model", trained["hf"], "--prompt", PROMPT, "--max-new-tokens", "16", "--greedy", "--quiet",
             "--quantize", "int8", "--dtype", "float32"]
-    one = _cli(argv)
-    eight = _cli([*argv, "--mesh", "fsdp=2,mp=4"], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    one = generate_cli(argv)
+    eight = generate_cli([*argv, "--mesh", "fsdp=2,mp=4"], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert one.returncode == 0 and eight.returncode == 0, (one.stderr[-2000:], eight.stderr[-2000:])
     assert eight.stdout == one.stdout and one.stdout.startswith(PROMPT)
     # and the scales really are split over the mesh when loaded there (in a fresh 8-device process)
@@ -197,7 +191,7 @@ def test_cli_quantize_int8_mesh_of_8_equals_one_device(trained):
 def test_unknown_scheme_is_one_clear_error(trained, scheme):
     with pytest.raises(ValueError, match=rf"quantize='{scheme}' is not a quantization scheme; the one scheme is 'int8'"):
         gptj_jax.load(trained["hf"], quantize=scheme)
-    proc = _cli(["--model", trained["hf"], "--prompt", "x", "--quantize", scheme])
+    proc = generate_cli(["--model", trained["hf"], "--prompt", "x", "--quantize", scheme])
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gptj-jax generate: error: ValueError: --quantize="), lines
