@@ -1035,7 +1035,8 @@ def format_modes(table: dict[str, Any], config_name: str = "") -> str:
         "Decode tokens/s = devices x bandwidth / weight bytes read per token, an upper bound (the KV cache "
         "read and communication add to it). T4 has no bfloat16: use float16, same bytes. Training needs are "
         "state + an activation estimate, a lower bound: XLA may keep more live (GPT-J-6B full fine-tuning on a "
-        "v5e-8: 13.65 GiB analytic, 27.14 GiB compiled); `--compile-for` a TPU gives XLA:TPU's figure.",
+        "v5e-8 with full logits and einsum attention: 13.65 GiB analytic, 27.14 GiB compiled); `--compile-for` a "
+        "TPU gives XLA:TPU's figure.",
     ]
     block = table.get("loss_block_size", 0)
     loss = (f"the blockwise loss in {block}-column vocabulary blocks (one block's float32 logits, exponentials and "

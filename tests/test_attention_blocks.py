@@ -98,8 +98,10 @@ def test_query_blocks_config_key_and_errors():
     config = _config(attention_query_block=8, attn_pdrop=0.1)
     params = gptj_jax.init_params(config, jax.random.PRNGKey(0))
     module = M.model_for(config, "causal_lm")
-    eval_logits = module.apply({"params": params}, ids, mask).logits  # deterministic: dropout is the identity
-    ref = M.model_for(config.replace(attention_query_block=0), "causal_lm").apply({"params": params}, ids, mask).logits
+    eval_logits = jax.jit(lambda p: module.apply({"params": p}, ids, mask).logits)(params)  # dropout: identity
+    unblocked = M.model_for(config.replace(attention_query_block=0), "causal_lm")
+    ref = jax.jit(lambda p: unblocked.apply({"params": p}, ids, mask).logits)(params)
     assert _max_diff(eval_logits, ref) <= TOL
     with pytest.raises(ValueError, match="attention in query blocks .* has no attention dropout"):
-        module.apply({"params": params}, ids, mask, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+        jax.jit(lambda p: module.apply({"params": p}, ids, mask, deterministic=False,
+                                       rngs={"dropout": jax.random.PRNGKey(1)}))(params)

@@ -860,6 +860,7 @@ class HFFlaxWriter(PlannedWriter):
             handle.seek(offset)
             handle.write(data[pos : pos + count])
             pos += count
+        self._done(key)
 
     def close(self) -> list[str]:
         """Check every planned tensor was written, rename the files into place, write the index; returns the files."""

@@ -847,8 +847,11 @@ class PlannedWriter:
             raise ValueError(
                 f"tensor {name!r}: planned {fmt_shape(shape)} {dtype}, got {fmt_shape(array.shape)} {array.dtype}"
             )
-        self._written.add(name)
         return np.ascontiguousarray(array)
+
+    def _done(self, name: str) -> None:
+        """Mark ``name`` written, once its bytes are (``close`` checks every planned tensor is)."""
+        self._written.add(name)
 
     def _finish(self) -> None:
         """Check every planned tensor was written, then close the handles and rename the files into place."""
@@ -925,6 +928,7 @@ class SafetensorsWriter(PlannedWriter):
         handle = self._handles[k]
         handle.seek(offset)
         handle.write(memoryview(array.reshape(-1).view(np.uint8)))
+        self._done(name)
 
     def close(self) -> list[str]:
         """Check every planned tensor was written, rename the files into place, write the index."""
@@ -960,6 +964,7 @@ class TorchBinWriter(PlannedWriter):
         array = self._checked(name, array)
         k = self._shard_of[name]
         self._pending[k][name] = numpy_to_torch(np.array(array))
+        self._done(name)
         self._remaining[k] -= 1
         if self._remaining[k] == 0:
             tmp = self.files[k] + ".tmp"
