@@ -476,6 +476,7 @@ def make_plan(
     import jax.numpy as jnp
 
     from gptj_jax import sharding as sh
+    from gptj_jax.model import attention_backend
 
     mode = check_mode(mode or ("full" if train else "bf16"))
     train = mode in TRAIN_MODES
@@ -489,9 +490,11 @@ def make_plan(
         loss_block_size = default_loss_block_size()
     if mode in ("lora", "qlora"):
         loss_block_size = 0  # the LoRA step computes the full logits (train/step.py)
-    steps, analytic = STEP_BUILDERS[mode](config, mesh, batch, seq, dtype=dtype, param_dtype=jnp.dtype(param_dtype),
-                                          remat=remat, grad_accum=grad_accum, forward=forward,
-                                          loss_block_size=loss_block_size, lora_rank=lora_rank)
+    # traced for the devices compiled for: attention ``auto`` and the cache write follow their platform
+    with attention_backend(mesh.devices.flat[0].platform):
+        steps, analytic = STEP_BUILDERS[mode](config, mesh, batch, seq, dtype=dtype,
+                                              param_dtype=jnp.dtype(param_dtype), remat=remat, grad_accum=grad_accum,
+                                              forward=forward, loss_block_size=loss_block_size, lora_rank=lora_rank)
     analytic["activations"] = activation_estimate(config, sizes, batch, seq, train, itemsize, remat, loss_block_size)
     used = list(mesh.devices.flat)
     if target:

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     """Check the inputs, simulate the mesh's devices on CPU, compile, print the tables. Returns 0."""
     from gptj_jax import plan as plan_lib
     from gptj_jax.config import GPTJConfig
-    from gptj_jax.model import attention_backend, resolve_attention
+    from gptj_jax.model import resolve_attention
     from gptj_jax.sharding import parse_mesh
 
     flags = model_flags(args)
@@ -108,13 +108,12 @@ def run(args: argparse.Namespace) -> int:
         devices = plan_lib.simulated_devices(n)
     platform = devices[0].platform  # the attention choice (auto, or a kernel) is made for the devices compiled for
     forward = resolve_attention(config, args.seq, args.dtype, dropout=train and config.attn_pdrop > 0, backend=platform)
-    with attention_backend(platform):
-        plan = plan_lib.make_plan(
-            config, sizes, args.batch, args.seq, train=train, dtype=args.dtype, param_dtype=args.param_dtype,
-            remat=args.remat or "none", grad_accum=args.grad_accum, forward=args.forward, config_name=str(args.config),
-            devices=devices, target=args.compile_for or "", mode=mode, loss_block_size=args.loss_block_size,
-            lora_rank=args.lora_rank,
-        )
+    plan = plan_lib.make_plan(  # traces for the devices' platform (model.attention_backend)
+        config, sizes, args.batch, args.seq, train=train, dtype=args.dtype, param_dtype=args.param_dtype,
+        remat=args.remat or "none", grad_accum=args.grad_accum, forward=args.forward, config_name=str(args.config),
+        devices=devices, target=args.compile_for or "", mode=mode, loss_block_size=args.loss_block_size,
+        lora_rank=args.lora_rank,
+    )
     plan.notes.append(f"attention {config.attention}: {forward} for the {args.seq}-token "
                       f"{'training step' if train else 'prefill'}{'' if train else ', xla for single-token decode'}"
                       f"{'; blocks under nn.scan (scan_layers)' if config.scan_layers else ''}")
