@@ -130,7 +130,7 @@ class TrainConfig:
                                 "recomputes each block's logits), so the `[batch, seq, n_vocab]` logits are never "
                                 "held; same loss and gradients (float32, 1e-5); 0: full logits. 8192 by measurement: "
                                 "on TPU v5e the same memory at 2 rows, 1.23 / 2.45 GiB less at 4 / 8 rows of a "
-                                "4-layer GPT-J-6B-width step, and 1.04-1.37x faster per step on CPU (162M); it costs "
+                                "4-layer GPT-J-6B-width step, and 1.03-1.37x faster per step on CPU (162M); it costs "
                                 "one more `lm_head` matmul (about 1% of GPT-J-6B's step FLOPs). See "
                                 "docs/benchmarks.md")
     seed: int = _key(0, "seed of the random init, the data order and dropout")
