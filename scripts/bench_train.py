@@ -270,12 +270,6 @@ def step_dots(hlo: str) -> collections.Counter:
     return out
 
 
-def _dot_flops(lhs: tuple, rhs: tuple, dims: tuple) -> int:
-    """2 x (every lhs dim) x (the rhs's free dims)."""
-    (_, rc), (_, rb) = dims
-    return 2 * math.prod(lhs) * math.prod(d for j, d in enumerate(rhs) if j not in rc + rb)
-
-
 def _gemm_of(lhs: tuple, rhs: tuple, dims: tuple) -> tuple[int, int, int, int]:
     """(batch, M, K, N) of a dot_general: the same FLOPs as one ``[batch, M, K] @ [batch, K, N]``."""
     (lc, rc), (lb, rb) = dims

@@ -374,7 +374,6 @@ def test_int8_cache_on_8_devices_equals_one_device(mesh_results, shape):
         assert "mp" in r["scale_spec"], r
 
 
-
 def test_cli_kv_cache_int8_mesh_of_8_equals_one_device(tmp_path):
     """``gptj-jax generate --kv-cache int8 --greedy`` on an 8-device mesh (fsdp=2, mp=4) prints what one device
     prints (a saved tiny GPT-J with GPT-J's vocabulary; GPT-J's tokenizer)."""

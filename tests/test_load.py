@@ -214,7 +214,6 @@ def hub_env(sources, monkeypatch):
     return cache
 
 
-
 KINDS = ["safetensors", "safetensors-sharded", "bin", "bin-sharded", "hf-flax", "hf-flax-sharded", "orbax", "run",
          "mtj", "hub"]
 

@@ -161,7 +161,6 @@ def test_decode_step_keeps_no_float_copy_of_the_weights():
     assert t8 - t16 <= 2 * layer_bf16, (t8, t16, layer_bf16)
 
 
-
 def test_cli_quantize_int8_mesh_of_8_equals_one_device(trained):
     """``generate --quantize int8 --greedy`` on an 8-device mesh (fsdp=2, mp=4: kernels and their scales split)
     prints exactly what one device prints."""
